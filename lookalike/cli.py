@@ -1,0 +1,233 @@
+"""Command line: each command parses its flags and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import LookalikeError
+
+app = typer.Typer(
+    help="Look-alike photo search and deduplication, trained on your own photos.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+StoreOpt = Annotated[
+    Path, typer.Option("--store", "-s", help="Store folder.", envvar="LOOKALIKE_STORE")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def errors_to_exit():
+    """Library errors become one line on stderr and exit status 1, not a traceback."""
+    try:
+        yield
+    except LookalikeError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        err.print("interrupted; the store is consistent and the next run continues the work")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def progress_bar(enabled: bool):
+    """A rich progress bar fed by (stage, done, total) callbacks; silent when disabled."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    bar = Progress(
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        key = "train" if stage.startswith("epoch") else stage
+        if key not in tasks:
+            tasks[key] = bar.add_task(stage, total=total or None)
+        bar.update(tasks[key], completed=done, total=total or None, description=stage)
+
+    with bar:
+        yield update
+
+
+@app.callback()
+def main_callback(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def index(
+    photos: Annotated[Path, typer.Argument(help="Folder of photos (walked recursively).")],
+    store: StoreOpt,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (upper bound).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Model input side, pixels (multiple of 16).")
+    ] = None,
+    latent_dim: Annotated[int | None, typer.Option(help="Embedding dimension.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same model.")] = None,
+    index_type: Annotated[
+        str, typer.Option(help="auto, flat (exact) or ivf (approximate).")
+    ] = "auto",
+    retrain: Annotated[
+        bool, typer.Option(help="Train a new model even if the store has one.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the autoencoder if needed, embed new and changed photos, update the index."""
+    from .config import IndexOptions, ModelConfig
+    from .indexer import index_folder
+    from .store import Store
+
+    with errors_to_exit():
+        base = ModelConfig()
+        if (store / "model" / "config.json").exists():
+            base = Store.open(store).model_config()
+        overrides = dict(
+            epochs=epochs,
+            batch_size=batch_size,
+            image_size=image_size,
+            embedding_dim=latent_dim,
+            seed=seed,
+        )
+        model = base.replace(**overrides)
+        options = IndexOptions(index_type=index_type, retrain=retrain)
+        if (
+            any(v is not None for v in overrides.values())
+            and (store / "model").exists()
+            and not retrain
+        ):
+            err.print("note: model flags apply when training; add --retrain to train anew")
+        with progress_bar(sys.stderr.isatty() or not as_json) as progress:
+            report = index_folder(photos, store, model=model, options=options, progress=progress)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    out.print(
+        f"{report.images} images indexed: {report.added} added, {report.updated} updated, "
+        f"{report.removed} removed, {report.unchanged} unchanged"
+        + (f" ({report.reembedded} re-embedded)" if report.reembedded else "")
+        + (f"; model trained in {report.train_seconds:.1f} s" if report.trained else "")
+        + f"; {report.seconds:.1f} s in all"
+    )
+    if report.failed:
+        err.print(f"{len(report.failed)} files skipped:")
+        for f in report.failed:
+            err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
+
+
+@app.command()
+def search(
+    queries: Annotated[list[Path], typer.Argument(help="Image files or folders to query with.")],
+    store: StoreOpt,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, max=1000, help="Neighbours per query.")
+    ] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the k most similar stored photos of each query image."""
+    from .engine import Engine
+    from .images import find_images, read_file
+
+    failed = 0
+    with errors_to_exit():
+        engine = Engine.open(store)
+        for query in queries:
+            paths = list(find_images(query)) if query.is_dir() else [query]
+            for path in paths:
+                try:
+                    hits = engine.search_bytes(read_file(path), k)
+                except LookalikeError as exc:
+                    err.print(f"{path}: {exc}", highlight=False, markup=False)
+                    failed += 1
+                    continue
+                label = str(path)
+                if as_json:
+                    print(json.dumps({"query": label, "results": [h.to_dict() for h in hits]}))
+                    continue
+                table = Table(title=label, title_justify="left", show_edge=False)
+                table.add_column("rank", justify="right")
+                table.add_column("score", justify="right")
+                table.add_column("path")
+                for rank, h in enumerate(hits, 1):
+                    table.add_row(str(rank), f"{h.score:.4f}", h.path)
+                out.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """Describe a store: images, embedding, index, model and training, size on disk."""
+    from .store import Store
+
+    with errors_to_exit():
+        with Store.open(store) as st:
+            training = st.training_record()
+            data = {
+                "store": str(st.root),
+                "photos": str(st.photos_root) if st.photos_root else None,
+                "images": len(st.db),
+                "embedding_dim": st.info.get("embedding_dim"),
+                "metric": st.info.get("metric"),
+                "index_type": st.info.get("index_type"),
+                "image_size": st.info.get("image_size"),
+                "train_loss": training["loss"][training["best_epoch"] - 1] if training else None,
+                "val_loss": training.get("best_val_loss"),
+                "epochs": training.get("epochs_run"),
+                "train_seconds": training.get("seconds"),
+                "disk_bytes": st.disk_bytes(),
+                "format_version": st.info.get("format_version"),
+                "versions": st.info.get("versions", {}),
+            }
+    if as_json:
+        print(json.dumps(data))
+        return
+    table = Table(show_header=False, show_edge=False)
+    for key, value in data.items():
+        if key == "versions":
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif key == "disk_bytes":
+            value = f"{value / 1e6:.1f} MB"
+        elif isinstance(value, float):
+            value = f"{value:.5f}"
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point of the `lookalike` command."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

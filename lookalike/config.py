@@ -1,0 +1,85 @@
+"""Model hyperparameters (frozen dataclasses saved with the model) and runtime settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and training of the autoencoder; saved as the store's config.json."""
+
+    image_size: int = 64  # square input side in pixels; every image is resized to this
+    filters: tuple[int, ...] = (32, 64, 128, 256)  # channels of each stride-2 conv level
+    code_channels: int = 16  # channels of the bottleneck; code = (size/16)^2 * this floats
+    pooled_levels: tuple[int, ...] = (2, 3, 4)  # 1-based levels GeM-pooled into the embedding
+    gem_p: float = 3.0  # generalised-mean pooling exponent (1 = average, large = max)
+    embedding_dim: int = 128  # dimension after PCA whitening (<= pooled feature size)
+    whiten_shrink: float = 0.1  # eigenvalue floor, as a share of the mean eigenvalue
+    flip_average: bool = True  # embed the image and its mirror, average the features
+    augment: bool = True  # denoising training: input an augmented view, target the clean image
+    crop_min: float = 0.6  # smallest random crop side, as a share of the image side
+    epochs: int = 12  # upper bound; early stopping on validation loss usually ends sooner
+    batch_size: int = 64  # training batch
+    learning_rate: float = 2e-3  # Adam
+    validation_split: float = 0.1  # share of the training sample held out
+    patience: int = 3  # epochs without validation improvement before stopping
+    max_train_images: int = 20000  # training sample cap: memory and time stay bounded
+    seed: int = 0  # same seed, same sample, same augmentations, same model
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored, lists become tuples."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key in names:
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with the given fields changed (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How `lookalike index` walks and embeds a folder."""
+
+    batch_size: int = 128  # images decoded and embedded together
+    index_type: str = "auto"  # flat | ivf | auto (flat below AUTO_IVF_THRESHOLD images)
+    retrain: bool = False  # train a new model even if the store has one
+    workers: int = 2  # decoding threads
+    max_pixels: int = 64_000_000  # images with more pixels are skipped as possible bombs
+
+
+class Settings(BaseSettings):
+    """Runtime settings of the service and CLI, from LOOKALIKE_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", env_file=None)
+
+    store: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_upload_bytes: int = 20 * 1024 * 1024  # request bodies above this get 413
+    max_image_pixels: int = 64_000_000  # decoded images above this are refused (bombs)
+    api_key: str | None = None  # when set, POST /images and DELETE need X-API-Key
+    cors_origins: list[str] = []  # closed by default
+    thumbnail_size: int = 256  # default thumbnail side in pixels
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,50 @@
+"""Seeded, batched image augmentations for denoising training (TensorFlow ops, no Python loop)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from ..config import ModelConfig
+
+
+def augment(x: tf.Tensor, seed: tf.Tensor, cfg: ModelConfig) -> tf.Tensor:
+    """A random view of each image: crop, flip, colour jitter, grayscale, noise.
+
+    x: (n, s, s, 3) float32 in [0, 255]; seed: (2,) int32. Same seed, same views.
+    """
+    n = tf.shape(x)[0]
+    s = cfg.image_size
+    keys = tf.random.experimental.stateless_split(seed, 10)
+
+    def uniform(i, low, high):
+        return tf.random.stateless_uniform([n], keys[i], low, high)
+
+    # random crop of crop_min..1 of the side, aspect ratio jittered by up to +-15 %
+    side = uniform(0, cfg.crop_min, 1.0)
+    aspect = tf.exp(uniform(1, -0.15, 0.15))
+    h = tf.minimum(side * aspect, 1.0)
+    w = tf.minimum(side / aspect, 1.0)
+    y0 = uniform(2, 0.0, 1.0) * (1.0 - h)
+    x0 = uniform(3, 0.0, 1.0) * (1.0 - w)
+    boxes = tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
+    x = tf.image.crop_and_resize(x, boxes, tf.range(n), [s, s])
+
+    flip = uniform(4, 0.0, 1.0) < 0.5
+    x = tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
+
+    gray = tf.reduce_mean(x, axis=3, keepdims=True)
+    saturation = uniform(5, 0.6, 1.4)[:, None, None, None]
+    to_gray = (uniform(6, 0.0, 1.0) < 0.1)[:, None, None, None]
+    saturation = tf.where(to_gray, 0.0, saturation)
+    x = gray + (x - gray) * saturation
+
+    mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+    contrast = uniform(7, 0.7, 1.3)[:, None, None, None]
+    brightness = uniform(8, -0.2, 0.2)[:, None, None, None] * 255.0
+    x = (x - mean) * contrast + mean + brightness
+
+    sigma = tf.random.stateless_uniform([n, 1, 1, 1], keys[9], 0.0, 8.0)
+    noise = tf.random.stateless_normal(
+        tf.shape(x), tf.random.experimental.stateless_fold_in(keys[9], 1)
+    )
+    return tf.clip_by_value(x + noise * sigma, 0.0, 255.0)

@@ -1,0 +1,137 @@
+"""Train the autoencoder with MSE on a sample of the collection and fit the embedding whitening."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import keras  # noqa: E402  (model sets the backend first)
+import numpy as np
+import tensorflow as tf  # noqa: E402
+
+from ..config import ModelConfig
+from .augment import augment  # noqa: E402
+from .embed import Embedder, Whitening, fit_whitening  # noqa: E402
+from .model import build_autoencoder
+
+log = logging.getLogger(__name__)
+
+# progress(stage, done, total): stage is "epoch <i>/<n>" while training
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class TrainResult:
+    """What training produces: the models, the whitening, and a record of the run."""
+
+    encoder: keras.Model
+    decoder: keras.Model
+    whitening: Whitening
+    history: dict = field(default_factory=dict)
+    preview: np.ndarray | None = None  # (2*size, m*size, 3) uint8: originals over reconstructions
+
+    def embedder(self, cfg: ModelConfig) -> Embedder:
+        return Embedder(self.encoder, self.whitening, cfg)
+
+
+def train_autoencoder(
+    pixels: np.ndarray, cfg: ModelConfig, progress: ProgressFn | None = None
+) -> TrainResult:
+    """Train on pixels, an (n, size, size, 3) uint8 array or memmap (the training sample).
+
+    A seeded share is held out for validation; each epoch visits the rest in a new seeded order;
+    the input is an augmented view when ``cfg.augment`` (denoising), the target the clean image;
+    training stops after ``cfg.patience`` epochs without a lower validation MSE and keeps the
+    best weights. Same pixels and seed, same model.
+    """
+    n = len(pixels)
+    if n < 2:
+        raise ValueError(f"need at least 2 images to train, got {n}")
+    keras.utils.set_random_seed(cfg.seed)
+    tf.config.experimental.enable_op_determinism()
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(n)
+    n_val = min(max(1, round(n * cfg.validation_split)), n - 1)
+    val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
+
+    encoder, decoder, autoencoder = build_autoencoder(cfg)
+    optimizer = keras.optimizers.Adam(cfg.learning_rate)
+    variables = autoencoder.trainable_variables
+    spec = tf.TensorSpec([None, cfg.image_size, cfg.image_size, 3], tf.uint8)
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)], reduce_retracing=True)
+    def train_step(batch, seed):
+        clean = tf.cast(batch, tf.float32)
+        inputs = augment(clean, seed, cfg) if cfg.augment else clean
+        with tf.GradientTape() as tape:
+            recon = autoencoder(inputs, training=True)
+            loss = tf.reduce_mean(tf.square(recon - clean / 255.0))
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    @tf.function(input_signature=[spec])
+    def val_step(batch):
+        clean = tf.cast(batch, tf.float32)
+        recon = autoencoder(clean, training=False)
+        return tf.reduce_sum(tf.reduce_mean(tf.square(recon - clean / 255.0), axis=(1, 2, 3)))
+
+    def val_loss() -> float:
+        total = 0.0
+        for start in range(0, n_val, 256):
+            total += float(val_step(pixels[val_idx[start : start + 256]]))
+        return total / n_val
+
+    history: dict = {"loss": [], "val_loss": [], "initial_val_loss": val_loss()}
+    best, best_weights, waited = np.inf, autoencoder.get_weights(), 0
+    bs = cfg.batch_size
+    steps = max(1, -(-len(train_idx) // bs))
+    started = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        perm = rng.permutation(train_idx)
+        losses = []
+        for step in range(steps):
+            idx = np.sort(perm[step * bs : (step + 1) * bs])
+            if len(idx) == 0:
+                continue
+            seed = tf.constant([cfg.seed, epoch * 1_000_003 + step], tf.int32)
+            losses.append(float(train_step(pixels[idx], seed)))
+            if progress:
+                progress(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, steps)
+        vl = val_loss()
+        history["loss"].append(float(np.mean(losses)))
+        history["val_loss"].append(vl)
+        log.info("epoch %d: loss %.5f val_loss %.5f", epoch + 1, history["loss"][-1], vl)
+        if vl < best:
+            best, best_weights, waited = vl, autoencoder.get_weights(), 0
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    autoencoder.set_weights(best_weights)
+    history.update(
+        best_epoch=int(np.argmin(history["val_loss"])) + 1,
+        best_val_loss=float(best),
+        epochs_run=len(history["val_loss"]),
+        train_images=len(train_idx),
+        val_images=int(n_val),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    if progress:
+        progress("whitening", 0, 1)
+    whitening = fit_whitening(Embedder(encoder, None, cfg), pixels, cfg)
+    if progress:
+        progress("whitening", 1, 1)
+    preview_src = pixels[val_idx[:8]]
+    preview = _preview(preview_src, autoencoder(tf.cast(preview_src, tf.float32), training=False))
+    return TrainResult(encoder, decoder, whitening, history, preview)
+
+
+def _preview(originals: np.ndarray, recon) -> np.ndarray:
+    """Originals on the top row, their reconstructions below: (2*s, m*s, 3) uint8."""
+    recon = np.clip(np.asarray(recon) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    top = np.concatenate(list(originals), axis=1)
+    bottom = np.concatenate(list(recon), axis=1)
+    return np.concatenate([top, bottom], axis=0)

@@ -1,0 +1,4 @@
+"""Vectors and metadata: the FAISS index, the SQLite table of images, and dedupe.
+
+Nothing under ``lookalike.index`` imports TensorFlow.
+"""

@@ -1,0 +1,211 @@
+"""The store's SQLite table of images: stable ids, file facts, embeddings, labels."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,  -- stable: never reused after a delete
+    path      TEXT NOT NULL UNIQUE,               -- relative to the photos root, '/' separated
+    size      INTEGER NOT NULL,                   -- bytes
+    mtime     REAL NOT NULL,                      -- seconds since the epoch
+    sha256    TEXT NOT NULL,
+    width     INTEGER NOT NULL,
+    height    INTEGER NOT NULL,
+    embedding BLOB NOT NULL,                      -- float32 little-endian, unit norm
+    labels    TEXT,                               -- '|'-separated, or NULL
+    model     INTEGER NOT NULL DEFAULT 0          -- serial of the model that embedded it
+);
+CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One row of the images table, without its embedding."""
+
+    id: int
+    path: str
+    size: int
+    mtime: float
+    sha256: str
+    width: int
+    height: int
+    labels: tuple[str, ...] = ()
+
+
+_COLUMNS = "id, path, size, mtime, sha256, width, height, labels"
+
+
+def _record(row) -> ImageRecord:
+    labels = tuple(row[7].split("|")) if row[7] else ()
+    return ImageRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], labels)
+
+
+class MetaDB:
+    """SQLite in WAL mode; every write bumps a generation counter in the same transaction.
+
+    The FAISS index file records the generation it was built from; a mismatch on open means a
+    run was interrupted after some commits, and the index is rebuilt from the embeddings here.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- meta -------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation", "0"))
+
+    # -- writes -------------------------------------------------------------------------------
+    def write(
+        self,
+        upserts: Iterable[tuple[ImageRecord, np.ndarray]] = (),
+        deletes: Iterable[int] = (),
+        touches: Iterable[tuple[int, float, int]] = (),
+        model: int = 0,
+    ) -> list[int]:
+        """One transaction: insert or replace rows by path, delete ids, update (mtime, size).
+
+        ``model`` is the serial of the model that made the upserted embeddings. Returns the ids
+        of the upserted rows in order; replacing a path keeps its id.
+        """
+        ids: list[int] = []
+        cur = self.conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for rec, vec in upserts:
+                blob = np.ascontiguousarray(vec, dtype="<f4").tobytes()
+                labels = "|".join(rec.labels) if rec.labels else None
+                row = cur.execute("SELECT id FROM images WHERE path = ?", (rec.path,)).fetchone()
+                if row:
+                    cur.execute(
+                        "UPDATE images SET size=?, mtime=?, sha256=?, width=?, height=?,"
+                        " embedding=?, labels=COALESCE(?, labels), model=? WHERE id=?",
+                        (
+                            rec.size,
+                            rec.mtime,
+                            rec.sha256,
+                            rec.width,
+                            rec.height,
+                            blob,
+                            labels,
+                            model,
+                            row[0],
+                        ),
+                    )
+                    ids.append(row[0])
+                else:
+                    cur.execute(
+                        "INSERT INTO images (path, size, mtime, sha256, width, height, embedding,"
+                        " labels, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            rec.path,
+                            rec.size,
+                            rec.mtime,
+                            rec.sha256,
+                            rec.width,
+                            rec.height,
+                            blob,
+                            labels,
+                            model,
+                        ),
+                    )
+                    ids.append(cur.lastrowid)
+            cur.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in deletes])
+            cur.executemany(
+                "UPDATE images SET mtime = ?, size = ? WHERE id = ?",
+                [(m, s, int(i)) for i, m, s in touches],
+            )
+            cur.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(self.generation + 1),)
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return ids
+
+    def set_labels(self, path_labels: Iterable[tuple[str, tuple[str, ...]]]) -> int:
+        """Set the labels of the given paths (no re-embedding); returns rows changed."""
+        with self.conn:
+            cur = self.conn.executemany(
+                "UPDATE images SET labels = ? WHERE path = ?",
+                [("|".join(lab) if lab else None, p) for p, lab in path_labels],
+            )
+        return cur.rowcount
+
+    # -- reads --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    def get(self, image_id: int) -> ImageRecord | None:
+        row = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM images WHERE id = ?", (int(image_id),)
+        ).fetchone()
+        return _record(row) if row else None
+
+    def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        ids = [int(i) for i in ids]
+        out: dict[int, ImageRecord] = {}
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                f"SELECT {_COLUMNS} FROM images WHERE id IN ({marks})", chunk
+            ):
+                out[row[0]] = _record(row)
+        return out
+
+    def by_path(self, path: str) -> ImageRecord | None:
+        row = self.conn.execute(f"SELECT {_COLUMNS} FROM images WHERE path = ?", (path,)).fetchone()
+        return _record(row) if row else None
+
+    def by_sha256(self, sha256: str) -> list[ImageRecord]:
+        rows = self.conn.execute(f"SELECT {_COLUMNS} FROM images WHERE sha256 = ?", (sha256,))
+        return [_record(r) for r in rows]
+
+    def file_states(self) -> dict[str, tuple[int, int, float, str, int]]:
+        """path -> (id, size, mtime, sha256, model) for every row: what incremental runs compare."""
+        rows = self.conn.execute("SELECT path, id, size, mtime, sha256, model FROM images")
+        return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in rows}
+
+    def records(self) -> Iterator[ImageRecord]:
+        """Every row in id order (streamed)."""
+        for row in self.conn.execute(f"SELECT {_COLUMNS} FROM images ORDER BY id"):
+            yield _record(row)
+
+    def embeddings(self, dim: int, chunk: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) in chunks, in id order: (m,) int64 and (m, dim) float32."""
+        last = -1
+        while True:
+            rows = self.conn.execute(
+                "SELECT id, embedding FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+            ).fetchall()
+            if not rows:
+                return
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(-1, dim)
+            yield ids, vecs.astype(np.float32)
+            last = int(ids[-1])
