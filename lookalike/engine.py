@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import threading
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +17,8 @@ import numpy as np
 
 from .errors import InvalidArgumentError, NotFoundError
 from .images import DEFAULT_MAX_PIXELS, decode
-from .store import Store
+from .index.meta import ImageRecord
+from .store import UPLOAD_PREFIX, Store
 
 if TYPE_CHECKING:
     from .encoder.embed import Embedder
@@ -105,3 +111,61 @@ class Engine:
                 raise NotFoundError(f"no image with id {image_id}")
             vec = self.store.index.reconstruct([image_id])
         return self.search_vectors(vec, k, exclude=[image_id])[0]
+
+    def add_images(self, files: Sequence[tuple[str, bytes]]) -> list[int]:
+        """Store uploaded images under STORE/uploads, embed them and index them at once.
+
+        All files are decoded first: if any is not a usable image, an ImageError is raised and
+        nothing is written. The table and the index are updated under the store's lock and
+        persisted before returning, so searches see all of the new images or none, and they
+        survive a restart.
+        """
+        decoded = []
+        for name, data in files:
+            pixels, width, height = decode(data, self.image_size, max_pixels=self.max_pixels)
+            decoded.append((name, data, pixels, width, height))
+        vectors = self.embed(np.stack([d[2] for d in decoded])) if decoded else None
+        if vectors is None:
+            return []
+        uploads = self.store.uploads_dir
+        uploads.mkdir(exist_ok=True)
+        records, written = [], []
+        try:
+            for name, data, _, width, height in decoded:
+                target = uploads / _upload_name(name)
+                tmp = target.with_name(target.name + ".part")
+                tmp.write_bytes(data)
+                os.replace(tmp, target)
+                written.append(target)
+                rel = UPLOAD_PREFIX + target.name
+                digest = hashlib.sha256(data).hexdigest()
+                records.append(
+                    ImageRecord(0, rel, len(data), target.stat().st_mtime, digest, width, height)
+                )
+            with self.store.lock:
+                index = self.store.index
+                ids = self.store.db.write(zip(records, vectors), model=self.store.model_serial)
+                index.add(vectors, np.array(ids, dtype=np.int64))
+                self.store.save_index()
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        return ids
+
+    def remove_image(self, image_id: int) -> None:
+        """Remove one image from the index and the table (an uploaded file is deleted too)."""
+        with self.store.lock:
+            record = self.store.db.get(image_id)
+            if record is None:
+                raise NotFoundError(f"no image with id {image_id}")
+            self.store.remove_images([image_id])
+        if record.path.startswith(UPLOAD_PREFIX):
+            self.store.file_path(record.path).unlink(missing_ok=True)
+
+
+def _upload_name(name: str) -> str:
+    """A safe, unique file name for an upload: no path parts, a random prefix, its suffix kept."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(name or "upload"))[-80:] or "upload"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{uuid.uuid4().hex[:8]}-{base.lstrip('.')}"

@@ -17,7 +17,7 @@ from .errors import InvalidArgumentError
 from .images import DecodedImage, FailedImage, find_images, iter_batches
 from .index.knn import resolve_index_type
 from .index.meta import ImageRecord
-from .store import Store
+from .store import UPLOAD_PREFIX, Store
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,10 @@ class IndexReport:
         }
 
 
-def _relative(path: Path, root: Path) -> str:
+def _relative(path: Path, root: Path, store: Store) -> str:
+    """The table's path of a file: relative to PHOTOS, or UPLOAD_PREFIX + name for uploads."""
+    if path.parent == store.uploads_dir:
+        return UPLOAD_PREFIX + path.name
     return path.relative_to(root).as_posix()
 
 
@@ -95,6 +98,7 @@ def index_folder(
 def _run(store, photos, model, options, progress, report) -> None:
     progress("scan", 0, 0)
     files = [p for p in find_images(photos) if not p.resolve().is_relative_to(store.root)]
+    uploads = list(find_images(store.uploads_dir)) if store.uploads_dir.is_dir() else []
     states = store.db.file_states()
     seen: set[str] = set()
     failed: dict[Path, FailedImage] = {}
@@ -109,8 +113,8 @@ def _run(store, photos, model, options, progress, report) -> None:
     # what changed since the last run
     todo: list[Path] = []
     kind: dict[str, str] = {}  # rel path -> added | updated | maybe | stale
-    for path in files:
-        rel = _relative(path, photos)
+    for path in files + uploads:
+        rel = _relative(path, photos, store)
         seen.add(rel)
         state = states.get(rel)
         if state is None:
@@ -150,14 +154,14 @@ def _run(store, photos, model, options, progress, report) -> None:
     ):
         for f in bad:
             failed.setdefault(f.path, f)
-            state = states.get(_relative(f.path, photos))
+            state = states.get(_relative(f.path, photos, store))
             if state is not None:  # was indexed, now unreadable: it cannot be served any more
                 store.db.write(deletes=[state[0]])
                 if index is not None:
                     index.remove(np.array([state[0]]))
         upserts, touches = [], []
         for im in ok:
-            rel = _relative(im.path, photos)
+            rel = _relative(im.path, photos, store)
             state, k = states.get(rel), kind[rel]
             if k == "maybe" and state[3] == im.sha256:
                 k = "unchanged" if state[4] == serial else "stale"

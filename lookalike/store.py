@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .encoder.train import TrainResult
 
 FORMAT_VERSION = 1
+UPLOAD_PREFIX = "@uploads/"  # table paths of images added over HTTP, kept in STORE/uploads
 METRIC = "cosine"  # inner product of L2-normalised float32 vectors
 
 
@@ -146,8 +147,8 @@ class Store:
 
     def file_path(self, rel_path: str) -> Path:
         """Where an indexed image lives: uploads are under the store, others under PHOTOS."""
-        if rel_path.startswith("uploads/"):
-            return self.root / rel_path
+        if rel_path.startswith(UPLOAD_PREFIX):
+            return self.uploads_dir / rel_path[len(UPLOAD_PREFIX) :]
         if self.photos_root is None:
             raise StoreNotFoundError(f"store {self.root} does not record its photos folder")
         return self.photos_root / rel_path
@@ -264,6 +265,18 @@ class Store:
             self.info["index_generation"] = self.db.generation
             self.info["index_type"] = self._index.index_type
             self.save_info()
+
+    def remove_images(self, ids: list[int]) -> int:
+        """Drop images from the table and the index, and persist both; returns rows removed."""
+        with self.lock:
+            known = self.db.get_many(ids)
+            if not known:
+                return 0
+            index = self.index
+            self.db.write(deletes=list(known))
+            index.remove(np.array(list(known), dtype=np.int64))
+            self.save_index()
+            return len(known)
 
     def save_info(self) -> None:
         with self.lock:
