@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import threading
@@ -132,7 +133,7 @@ class Engine:
         records, written = [], []
         try:
             for name, data, _, width, height in decoded:
-                target = uploads / _upload_name(name)
+                target = uploads / _upload_name(name, data)
                 tmp = target.with_name(target.name + ".part")
                 tmp.write_bytes(data)
                 os.replace(tmp, target)
@@ -164,8 +165,25 @@ class Engine:
             self.store.file_path(record.path).unlink(missing_ok=True)
 
 
-def _upload_name(name: str) -> str:
-    """A safe, unique file name for an upload: no path parts, a random prefix, its suffix kept."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(name or "upload"))[-80:] or "upload"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{uuid.uuid4().hex[:8]}-{base.lstrip('.')}"
+_SUFFIX = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "GIF": ".gif",
+    "BMP": ".bmp",
+    "DIB": ".bmp",
+    "TIFF": ".tif",
+}
+
+
+def _upload_name(name: str, data: bytes) -> str:
+    """A safe, unique file name for an upload: no path parts, a random prefix, and the suffix
+    of its real format (so a re-index finds it)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        suffix = _SUFFIX.get(img.format or "", ".img")
+    stem = os.path.splitext(os.path.basename(name or "upload"))[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[-60:].strip("_") or "upload"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}-{stem}{suffix}"
