@@ -88,6 +88,7 @@ class Engine:
             raise InvalidArgumentError(f"k must be between 1 and {MAX_K}, got {k}")
         extra = 1 if exclude is not None else 0
         with self.store.lock:
+            self.store.refresh()
             scores, ids = self.store.index.search(vectors, k + extra)
             records = self.store.db.get_many({int(i) for i in ids.ravel() if i >= 0})
         out = []
@@ -108,6 +109,7 @@ class Engine:
     def search_id(self, image_id: int, k: int = 10) -> list[Hit]:
         """Neighbours of a stored image, itself excluded."""
         with self.store.lock:
+            self.store.refresh()
             if self.store.db.get(image_id) is None:
                 raise NotFoundError(f"no image with id {image_id}")
             vec = self.store.index.reconstruct([image_id])
@@ -143,7 +145,7 @@ class Engine:
                 records.append(
                     ImageRecord(0, rel, len(data), target.stat().st_mtime, digest, width, height)
                 )
-            with self.store.lock:
+            with self.store.writing():
                 index = self.store.index
                 ids = self.store.db.write(zip(records, vectors), model=self.store.model_serial)
                 index.add(vectors, np.array(ids, dtype=np.int64))
@@ -156,7 +158,7 @@ class Engine:
 
     def remove_image(self, image_id: int) -> None:
         """Remove one image from the index and the table (an uploaded file is deleted too)."""
-        with self.store.lock:
+        with self.store.writing():
             record = self.store.db.get(image_id)
             if record is None:
                 raise NotFoundError(f"no image with id {image_id}")

@@ -155,6 +155,27 @@ def decode(
     return pixels, width, height
 
 
+def thumbnail(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """A JPEG of the image fitted into size x size, aspect ratio kept, EXIF orientation applied."""
+    img = _open(data, max_pixels)
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+        if img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (size, size))
+        img.load()
+        if orientation in _EXIF_TRANSPOSE:
+            img = img.transpose(_EXIF_TRANSPOSE[orientation])
+        img = _to_rgb(img)
+        img.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85, optimize=True)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot decode image: {exc}") from None
+    return buf.getvalue()
+
+
 def load_image(
     source: Path | str | bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:

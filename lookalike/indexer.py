@@ -88,7 +88,8 @@ def index_folder(
     report = IndexReport()
     store = Store.open(store_path, create=True, photos=photos)
     try:
-        _run(store, photos, model, options, progress, report)
+        with store.writing():
+            _run(store, photos, model, options, progress, report)
     finally:
         store.close()
     report.seconds = time.perf_counter() - started

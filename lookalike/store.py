@@ -12,12 +12,15 @@ Layout of STORE/:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +80,7 @@ class Store:
         self.db = MetaDB(root / "images.sqlite")
         self.lock = threading.RLock()
         self._index: KnnIndex | None = None
+        self._index_generation = -1  # table generation the in-memory index reflects
         self._recover_model_dir()
 
     # -- opening ------------------------------------------------------------------------------
@@ -231,6 +235,7 @@ class Store:
                 fresh = self.info.get("index_generation") == self.db.generation
                 if fresh and self.index_path.exists():
                     self._index = KnnIndex.load(self.index_path, self.info["index_type"])
+                    self._index_generation = self.info["index_generation"]
                 else:
                     self.rebuild_index(self.info.get("index_type_requested", "auto"))
             return self._index
@@ -262,13 +267,50 @@ class Store:
         with self.lock:
             assert self._index is not None
             self._index.save(self.index_path)
-            self.info["index_generation"] = self.db.generation
+            self.info["index_generation"] = self._index_generation = self.db.generation
             self.info["index_type"] = self._index.index_type
             self.save_info()
 
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Serialise writers across threads and processes (the workers of one service, or a
+        `lookalike index` run beside it); the index is brought up to date first."""
+        with self.lock:
+            fd = os.open(self.root / ".write.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self.refresh()
+                if self._index is not None and self._index_generation != self.db.generation:
+                    self.rebuild_index(self.info.get("index_type_requested", "auto"))
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    def refresh(self) -> None:
+        """Reload the index when another process has changed the store since it was loaded.
+
+        Cheap when nothing changed (one SQLite read). While another writer is mid-way, the last
+        consistent index keeps being served.
+        """
+        with self.lock:
+            if self._index is None:
+                return
+            generation = self.db.generation
+            if generation == self._index_generation:
+                return
+            try:
+                info = json.loads((self.root / "info.json").read_text())
+            except (OSError, ValueError):
+                return
+            if info.get("index_generation") == generation and self.index_path.exists():
+                self.info = info
+                self._index = KnnIndex.load(self.index_path, info["index_type"])
+                self._index_generation = generation
+
     def remove_images(self, ids: list[int]) -> int:
         """Drop images from the table and the index, and persist both; returns rows removed."""
-        with self.lock:
+        with self.writing():
             known = self.db.get_many(ids)
             if not known:
                 return 0
