@@ -22,6 +22,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+from .evaluation.cli import eval_app  # noqa: E402  (no TensorFlow at import time)
+
+app.add_typer(eval_app, name="eval")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
@@ -222,6 +225,157 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
             value = f"{value:.5f}"
         table.add_row(key, str(value))
     out.print(table)
+
+
+@app.command()
+def serve(
+    store: StoreOpt,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+) -> None:
+    """Serve the HTTP API and the web page (settings also from LOOKALIKE_* variables)."""
+    import os
+
+    import uvicorn
+
+    from .store import Store
+
+    with errors_to_exit():
+        Store.open(store).model_config()  # fail fast, with one clear line, on a bad store
+    os.environ["LOOKALIKE_STORE"] = str(store)
+    err.print(f"lookalike: serving {store} on http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(
+        "lookalike.api.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
+
+
+@app.command()
+def dedupe(
+    store: StoreOpt,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=-1.0,
+            max=1.0,
+            help="Cosine at or above which photos are duplicates "
+            "[default: the store's calibrated value].",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the groups as JSON.")] = False,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="Write one row per member to this CSV file.")
+    ] = None,
+    html_file: Annotated[
+        Path | None, typer.Option("--html", help="Write a page of thumbnails to this file.")
+    ] = None,
+    keep: Annotated[
+        str, typer.Option(help="Which to keep: largest, smallest, oldest, newest, shortest-path.")
+    ] = "largest",
+    move_to: Annotated[
+        Path | None, typer.Option("--move-to", help="Move the others here (under their paths).")
+    ] = None,
+    delete: Annotated[bool, typer.Option("--delete", help="Delete the others.")] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Really move or delete (else: dry run).")
+    ] = False,
+    against: Annotated[
+        Path | None,
+        typer.Option("--against", help="List files of this folder the collection already has."),
+    ] = None,
+) -> None:
+    """Group near-duplicate photos; review them, or move or delete all but one of each group."""
+    from .dedupe_actions import apply_actions, pending, plan_actions, preview, resume
+    from .dedupe_report import write_csv, write_html
+    from .index.dedupe import calibrated_threshold, find_groups, groups_to_dict
+    from .store import Store
+
+    if as_json and csv_file:
+        fail("--json and --csv are alternatives; give one")
+    if move_to and delete:
+        fail("--move-to and --delete are alternatives; give one")
+    if yes and not (move_to or delete):
+        fail("--yes confirms --move-to or --delete; give one of them")
+    if against and (move_to or delete or csv_file or html_file):
+        fail("--against only lists matches; it takes no --move-to, --delete, --csv or --html")
+    with errors_to_exit(), Store.open(store) as st:
+        st.model_config()  # a clear error for a store without a model
+        if pending(st):
+            if yes:
+                done = resume(st)
+                err.print(f"finished an interrupted run: {len(done.outcomes)} files")
+            else:
+                err.print("note: an interrupted dedupe run is pending; --yes finishes it")
+        t = threshold if threshold is not None else calibrated_threshold(st)
+        if t is None:
+            from .calibrate import calibrate_store
+
+            err.print("measuring this store's dedupe threshold (once per model)...")
+            t = calibrate_store(st).threshold
+        if against is not None:
+            from .engine import Engine
+            from .incoming import find_known
+
+            known = find_known(Engine(st), against, t)
+            if as_json:
+                print(json.dumps(known.to_dict()))
+                return
+            for k in known.known:
+                best = ", ".join(f"{p} ({s:.4f})" for p, s in k.matches)
+                out.print(f"{k.path}  ->  {best}", highlight=False, markup=False)
+            out.print(
+                f"{len(known.known)} of {known.checked} files already have a near-duplicate "
+                f"(threshold {t:.4f})"
+            )
+            for f in known.failed:
+                err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
+            return
+        groups = find_groups(st, t, keep)
+        if csv_file:
+            write_csv(groups, csv_file)
+        if html_file:
+            write_html(st, groups, t, html_file)
+        actions = plan_actions(st, groups, move_to, delete) if move_to or delete else []
+        data = groups_to_dict(groups, t)
+        report = apply_actions(st, actions) if yes else None
+        if as_json:
+            if move_to or delete:
+                data["actions"] = [
+                    {"path": a.path, "action": "move" if a.dest else "delete"}
+                    | ({"to": str(preview(st, a))} if a.dest and not yes else {})
+                    for a in actions
+                ]
+                data["applied"] = report.to_dict() if report else None
+            print(json.dumps(data))
+            return
+        for number, g in enumerate(groups, 1):
+            out.print(f"group {number}", style="bold")
+            for m in g.members:
+                mark = "keep" if m.id == g.keep.id else "    "
+                out.print(
+                    f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}",
+                    highlight=False,
+                    markup=False,
+                )
+        spare = sum(len(g.others) for g in groups)
+        out.print(f"{len(groups)} groups, {spare} photos besides the kept ones (threshold {t:.4f})")
+        if report is not None:
+            for o in report.outcomes:
+                where = f" -> {o.to}" if o.to else (f": {o.reason}" if o.reason else "")
+                out.print(f"{o.status} {o.action.path}{where}", highlight=False, markup=False)
+            if report.skipped:
+                err.print(f"{len(report.skipped)} files skipped (listed above)")
+        elif actions:
+            for a in actions:
+                dest = preview(st, a)
+                line = f"would move {a.path} -> {dest}" if dest else f"would delete {a.path}"
+                out.print(line, highlight=False, markup=False)
+            out.print("dry run: nothing changed; add --yes to do it")
 
 
 def main() -> None:

@@ -58,6 +58,7 @@ class Engine:
         self.embedder = embedder or store.load_embedder()
         self.max_pixels = max_pixels
         _ = store.index  # load (or rebuild) the index now, not on the first query
+        self.embed(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace once
         self._embed_lock = threading.Lock()
 
     @classmethod

@@ -204,6 +204,12 @@ def _run(store, photos, model, options, progress, report) -> None:
         store.save_index()
     report.images = count
     report.failed = sorted(failed.values(), key=lambda f: str(f.path))
+    if report.trained:  # the cosine scale of duplicates is the model's: measure it again
+        from .calibrate import calibrate_store
+
+        progress("calibrate", 0, 1)
+        calibrate_store(store, embedder)
+        progress("calibrate", 1, 1)
 
 
 def _record(im: DecodedImage, rel: str) -> ImageRecord:

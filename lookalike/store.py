@@ -81,6 +81,7 @@ class Store:
         self.lock = threading.RLock()
         self._index: KnnIndex | None = None
         self._index_generation = -1  # table generation the in-memory index reflects
+        self._write_depth = 0  # nesting of writing() in the thread holding self.lock
         self._recover_model_dir()
 
     # -- opening ------------------------------------------------------------------------------
@@ -276,14 +277,23 @@ class Store:
         """Serialise writers across threads and processes (the workers of one service, or a
         `lookalike index` run beside it); the index is brought up to date first."""
         with self.lock:
+            if self._write_depth:  # re-entered by the thread that holds it
+                self._write_depth += 1
+                try:
+                    yield
+                finally:
+                    self._write_depth -= 1
+                return
             fd = os.open(self.root / ".write.lock", os.O_CREAT | os.O_RDWR, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                self._write_depth = 1
                 self.refresh()
                 if self._index is not None and self._index_generation != self.db.generation:
                     self.rebuild_index(self.info.get("index_type_requested", "auto"))
                 yield
             finally:
+                self._write_depth = 0
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
 

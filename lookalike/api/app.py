@@ -1,0 +1,182 @@
+"""create_app: the FastAPI application, its lifespan, upload limit and error handlers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from .. import __version__
+from ..config import Settings, get_settings
+from ..errors import (
+    ImageError,
+    InvalidArgumentError,
+    LookalikeError,
+    NotFoundError,
+    StoreError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS = [  # first match wins
+    (ImageError, 400, "bad_image"),
+    (NotFoundError, 404, "not_found"),
+    (InvalidArgumentError, 422, "invalid_argument"),
+    (StoreError, 503, "store_unavailable"),
+    (LookalikeError, 400, "error"),
+]
+
+
+def error_response(status: int, kind: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: bodies over max_bytes get 413 before being read into memory.
+
+    A Content-Length over the limit is refused at once; a chunked body is counted as it streams
+    and cut off when it passes the limit.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await self._refuse(send)
+        received = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps(
+            {
+                "error": "too_large",
+                "detail": f"request body over the limit of {self.max_bytes} bytes",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
+    """The app. Without an engine, the lifespan opens settings.store (loading the model once)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        own = engine is None
+        if own:
+            from ..engine import Engine
+
+            if settings.store is None:
+                raise RuntimeError("no store configured: set LOOKALIKE_STORE or pass --store")
+            app.state.engine = Engine.open(settings.store, max_pixels=settings.max_image_pixels)
+        else:
+            app.state.engine = engine
+        log.info(
+            "serving %s (%d images)", app.state.engine.store.root, len(app.state.engine.store.db)
+        )
+        yield
+        if own:
+            app.state.engine.close()
+
+    app = FastAPI(
+        title="lookalike",
+        version=__version__,
+        description="Look-alike photo search: upload an image, get its nearest neighbours.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.thumb_dir = None
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key", "Content-Type"],
+        )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+
+    @app.exception_handler(LookalikeError)
+    async def lookalike_error(request: Request, exc: LookalikeError):
+        for cls, status, kind in STATUS:
+            if isinstance(exc, cls):
+                return error_response(status, kind, str(exc))
+        return error_response(400, "error", str(exc))  # pragma: no cover
+
+    from .routes import _Unauthorized, router
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(request: Request, exc: Exception):
+        return error_response(401, "unauthorized", "missing or wrong X-API-Key header")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}")
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal error; see the server log")
+
+    app.include_router(router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` and multi-worker serving: settings from LOOKALIKE_*."""
+    return create_app(Settings())
+
+
+STATIC_DIR = Path(__file__).parent / "static"

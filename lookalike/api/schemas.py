@@ -1,0 +1,47 @@
+"""Pydantic models of the API's responses (they make the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Result(BaseModel):
+    id: int = Field(description="Stable image id")
+    path: str = Field(description="Path relative to the photos folder (or @uploads/...)")
+    score: float = Field(description="Cosine similarity to the query, in [-1, 1]")
+    url: str = Field(description="Where to fetch the image")
+    thumbnail_url: str = Field(description="Where to fetch a JPEG thumbnail")
+    labels: list[str] = Field(default_factory=list, description="Labels of the image, if any")
+
+
+class SearchResponse(BaseModel):
+    results: list[Result]
+    took_ms: float = Field(description="Server time for the query, milliseconds")
+
+
+class AddResponse(BaseModel):
+    ids: list[int] = Field(description="Ids of the added images, in upload order")
+
+
+class DeleteResponse(BaseModel):
+    deleted: int
+
+
+class Health(BaseModel):
+    status: str
+    images: int
+
+
+class Stats(BaseModel):
+    images: int
+    index_type: str
+    embedding_dim: int
+    image_size: int
+    metric: str
+    store_version: int
+    lookalike_version: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Machine-readable kind of error")
+    detail: str = Field(description="What was wrong, for a person")

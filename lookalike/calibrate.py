@@ -1,0 +1,254 @@
+"""Calibrate a store's dedupe threshold from edited copies of its own photos.
+
+The cosine scale of near-duplicates depends on the trained model, so every (re)training
+measures it again (docs/dedupe.md gives the method, its validation and its limits):
+
+1. Copies: a seeded sample of the store's photos is edited the way people edit photos
+   (random crop, resize, brightness and contrast, mirror, JPEG re-compression; see
+   ``edited_copies``) and embedded; ``recall(t)`` is the share of copies whose cosine to their
+   original is >= t.
+2. Pairs: ``pairs(t)``, the number of pairs in the store at or above t (exact copies left out),
+   is counted from the k nearest neighbours of a seeded sample of the store's photos.
+3. Duplicates in the store: at the anchor ``t0``, the median copy score, nearly every pair is a
+   true duplicate and about ``recall(t0)`` of the duplicates are above it, so the store holds
+   about ``dups = pairs(t0) / recall(t0)`` duplicate pairs (at least PRIOR_SHARE per photo, so
+   a store without duplicates still gets a cautious threshold).
+4. Expected precision at t is ``dups * recall(t) / pairs(t)``; the threshold is the lowest t
+   such that it is >= ESTIMATE_TARGET at t and at every grid step between t and t0.
+
+Imports TensorFlow (through the embedder); lookalike.index never does.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from .errors import ImageError
+from .images import decode, read_file
+
+if TYPE_CHECKING:
+    from .encoder.embed import Embedder
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+METHOD = "edited-copies-v1"
+TARGET_PRECISION = 0.95  # the pair precision the default threshold is meant to reach
+# What the estimate above is asked for. It is optimistic: real edits are often harder than the
+# copies, and connected components chain pairs. On intel_neardup, asking it for 0.95 gave a
+# measured pair precision of 0.90; asking for 0.99 gave 0.96 over six seeds
+# (scripts/bench_dedupe.py, docs/dedupe.md).
+ESTIMATE_TARGET = 0.99
+COPY_SAMPLE = 512  # photos edited into copies
+COPIES_PER_PHOTO = 4
+PAIR_SAMPLE = 2000  # photos whose neighbours are counted
+NEIGHBOURS = 100  # k of the neighbour count; a lower t that saturates it is not trusted
+PRIOR_SHARE = 0.02  # duplicate pairs per photo assumed at least
+GRID = np.round(np.arange(1.0, 0.2999, -0.0025), 4)  # thresholds tried, high to low
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A store's measured dedupe threshold and the evidence behind it."""
+
+    threshold: float
+    model_serial: int
+    method: str
+    estimate_target: float  # asked of the precision estimate (ESTIMATE_TARGET)
+    expected_precision: float | None  # at the threshold, by the estimate above
+    copy_recall: float | None  # share of the edited copies at or above the threshold
+    copies: int  # edited copies embedded
+    pair_sample: int  # photos whose neighbours were counted
+    anchor: float | None  # t0
+    duplicate_pairs: float | None  # estimated duplicate pairs in the store
+    photos: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: (round(float(v), 6) if isinstance(v, float) else v) for k, v in asdict(self).items()
+        }
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def edited_copies(
+    data: bytes, work_side: int, rng: np.random.Generator, n: int = COPIES_PER_PHOTO
+) -> list[bytes]:
+    """n randomly edited copies of one image, as JPEG files.
+
+    Each copy: with p=0.5 a crop of 60-95 % of the side at a random place; a resize to 40-100 %;
+    with p=0.5 brightness and contrast x0.8-1.25; with p=0.2 a mirror; JPEG quality 20-90.
+    The image is first reduced to about work_side pixels on its long side (JPEG draft mode),
+    so editing a 24-megapixel photo costs what editing a thumbnail does.
+    """
+    img = Image.open(io.BytesIO(data))
+    if img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (work_side, work_side))
+    img = img.convert("RGB")
+    if max(img.size) > work_side:
+        img.thumbnail((work_side, work_side), Image.Resampling.BILINEAR)
+    out = []
+    for _ in range(n):
+        copy = img
+        if rng.random() < 0.5:
+            side = rng.uniform(0.6, 0.95)
+            cw, ch = max(1, int(copy.width * side)), max(1, int(copy.height * side))
+            left = int(rng.uniform(0, copy.width - cw + 1))
+            top = int(rng.uniform(0, copy.height - ch + 1))
+            copy = copy.crop((left, top, left + cw, top + ch))
+        f = rng.uniform(0.4, 1.0)
+        size = (max(1, int(copy.width * f)), max(1, int(copy.height * f)))
+        copy = copy.resize(size, Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            copy = ImageEnhance.Brightness(copy).enhance(rng.uniform(0.8, 1.25))
+            copy = ImageEnhance.Contrast(copy).enhance(rng.uniform(0.8, 1.25))
+        if rng.random() < 0.2:
+            copy = ImageOps.mirror(copy)
+        out.append(_jpeg(copy, int(rng.integers(20, 91))))
+    return out
+
+
+def copy_scores(
+    store: Store, embedder: Embedder, ids: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Cosine of each edited copy to its original's stored vector: (copies,) float32."""
+    size = store.model_config().image_size
+    pixels, originals = [], []
+    for image_id in ids.tolist():
+        rec = store.db.get(image_id)
+        if rec is None:
+            continue
+        try:
+            copies = edited_copies(read_file(store.file_path(rec.path)), 4 * size, rng)
+            pixels.extend(decode(c, size)[0] for c in copies)
+        except (ImageError, OSError, ValueError) as exc:
+            log.info("calibration skips %s: %s", rec.path, exc)
+            continue
+        originals.extend([image_id] * len(copies))
+    if not pixels:
+        return np.zeros(0, np.float32)
+    vectors = embedder(np.stack(pixels))
+    refs = store.index.reconstruct(np.array(originals, dtype=np.int64))
+    return np.einsum("nd,nd->n", vectors, refs)
+
+
+def neighbour_scores(store: Store, ids: np.ndarray, k: int) -> np.ndarray:
+    """(m, k) cosine of each sampled photo's k nearest others, exact copies left out (-2)."""
+    index = store.index
+    vecs = index.reconstruct(ids)
+    scores, found = index.search(vecs, min(k + 1, len(index)))
+    shas = store.db.get_many({int(i) for i in found.ravel() if i >= 0} | set(ids.tolist()))
+    out = np.full((len(ids), k), -2.0, np.float32)
+    for row, (own, srow, irow) in enumerate(zip(ids.tolist(), scores, found)):
+        own_sha = shas[own].sha256 if own in shas else None
+        kept = [
+            s
+            for s, i in zip(srow.tolist(), irow.tolist())
+            if i >= 0 and i != own and i in shas and shas[i].sha256 != own_sha
+        ][:k]
+        out[row, : len(kept)] = kept
+    return out
+
+
+def choose_threshold(
+    copies: np.ndarray,
+    neighbours: np.ndarray,
+    photos: int,
+    target: float = ESTIMATE_TARGET,
+) -> tuple[float, dict[str, float]]:
+    """The lowest threshold with expected pair precision >= target (see the module docstring).
+
+    copies: (c,) copy-to-original scores; neighbours: (m, k) scores of m sampled photos to
+    their k nearest other photos (-2 for none); photos: the store's size.
+    """
+    m, k = neighbours.shape
+    anchor = float(np.median(copies))
+    scale = photos / (2.0 * max(m, 1))  # sample counts -> store pairs (each pair seen twice)
+    sorted_copies = np.sort(copies)
+
+    def recall(t: float) -> float:
+        return 1.0 - np.searchsorted(sorted_copies, t, side="left") / len(sorted_copies)
+
+    def pairs(t: float) -> float:
+        return float((neighbours >= t).sum()) * scale
+
+    dups = max(pairs(anchor) / max(recall(anchor), 1e-9), PRIOR_SHARE * photos)
+    best, best_prec = anchor, 1.0
+    for t in GRID[GRID <= anchor]:
+        if k and (neighbours[:, -1] >= t).any():
+            break  # some photo has k neighbours above t: pairs(t) would be undercounted
+        found = pairs(t)
+        prec = 1.0 if found == 0 else min(1.0, dups * recall(t) / found)
+        if prec < target:
+            break
+        best, best_prec = float(t), prec
+    return best, {
+        "anchor": anchor,
+        "duplicate_pairs": dups,
+        "expected_precision": best_prec,
+        "copy_recall": recall(best),
+    }
+
+
+def calibrate(
+    store: Store,
+    embedder: Embedder | None = None,
+    *,
+    seed: int = 0,
+    target: float = ESTIMATE_TARGET,
+    copy_sample: int = COPY_SAMPLE,
+    pair_sample: int = PAIR_SAMPLE,
+) -> Calibration:
+    """Measure the store's threshold; needs a trained, indexed store (nothing is saved)."""
+    started = time.perf_counter()
+    embedder = embedder or store.load_embedder()
+    ids = np.fromiter((r[0] for r in store.db.conn.execute("SELECT id FROM images")), np.int64)
+    rng = np.random.default_rng(seed)
+    pick_copies = np.sort(rng.choice(ids, min(copy_sample, len(ids)), replace=False))
+    pick_pairs = np.sort(rng.choice(ids, min(pair_sample, len(ids)), replace=False))
+    copies = copy_scores(store, embedder, pick_copies, rng)
+    if len(copies) == 0 or len(ids) < 2:
+        from .index.dedupe import FALLBACK_THRESHOLD
+
+        threshold, facts = FALLBACK_THRESHOLD, {}
+        log.warning("calibration found no usable photos; using %.3f", threshold)
+    else:
+        neighbours = neighbour_scores(store, pick_pairs, min(NEIGHBOURS, len(ids) - 1))
+        threshold, facts = choose_threshold(copies, neighbours, len(ids), target)
+    return Calibration(
+        threshold=round(float(threshold), 4),
+        model_serial=store.model_serial,
+        method=METHOD,
+        estimate_target=target,
+        expected_precision=facts.get("expected_precision"),
+        copy_recall=facts.get("copy_recall"),
+        copies=len(copies),
+        pair_sample=len(pick_pairs),
+        anchor=facts.get("anchor"),
+        duplicate_pairs=facts.get("duplicate_pairs"),
+        photos=len(ids),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def calibrate_store(store: Store, embedder: Embedder | None = None, **kwargs: Any) -> Calibration:
+    """Calibrate and record the result in the store's info (dedupe_threshold, _calibration)."""
+    cal = calibrate(store, embedder, **kwargs)
+    with store.lock:
+        store.info["dedupe_threshold"] = cal.threshold
+        store.info["dedupe_calibration"] = cal.to_dict()
+        store.save_info()
+    log.info("dedupe threshold %.4f (%s)", cal.threshold, cal.to_dict())
+    return cal

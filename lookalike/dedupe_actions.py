@@ -1,0 +1,302 @@
+"""Acting on dedupe groups: move or delete every non-kept member, without ever losing a photo.
+
+Safety, in order:
+- A plan names each file with the sha256 the store recorded; a file whose bytes changed since
+  it was indexed is skipped, and nothing is deleted unless the group's kept file is still there
+  with its recorded bytes.
+- Before the first change the plan is written to STORE/dedupe-journal.json (atomically). A run
+  that is killed leaves the journal; the next run (``resume``) finishes it, and only then is
+  the journal removed.
+- A move never overwrites: the destination is taken with ``os.link`` (which fails if the name
+  exists) and the source is unlinked after; across filesystems the file is copied to a
+  temporary name, fsynced, checked against its sha256, linked or renamed into place, and only
+  then is the source unlinked. A taken name gets a numbered suffix (``photo-1.jpg``). So a kill
+  at any moment leaves the file at its old place, its new place, or both; a resumed run that
+  finds a destination with the file's sha256 treats the move as done.
+- The store is updated (rows and index) after the files, in batches; until then it still opens
+  and lists the moved rows, which the resumed run removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgumentError
+from .index.dedupe import Group
+from .store import UPLOAD_PREFIX, Store, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "dedupe-journal.json"
+STORE_BATCH = 500  # files acted on between two store updates
+MAX_SUFFIX = 10_000
+
+
+@dataclass(frozen=True)
+class Action:
+    """Move (dest set) or delete (dest None) one non-kept member of a group."""
+
+    id: int
+    path: str  # table path of the member
+    sha256: str  # its bytes when indexed
+    keep: str  # table path of its group's kept image
+    keep_sha256: str
+    dest: str | None  # absolute destination before any numbered suffix; None: delete
+
+
+@dataclass
+class Outcome:
+    """What became of one action: moved / deleted / gone (file already absent) / skipped."""
+
+    action: Action
+    status: str
+    to: str | None = None  # where a moved file now is
+    reason: str | None = None  # why it was skipped
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.action.path, "status": self.status}
+        if self.to is not None:
+            out["to"] = self.to
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclass
+class ActionReport:
+    """The outcomes of a run, and how many rows left the store."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    removed: int = 0
+
+    @property
+    def skipped(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "skipped"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"removed": self.removed, "files": [o.to_dict() for o in self.outcomes]}
+
+
+# -- planning ----------------------------------------------------------------------------------
+def destination(move_to: Path, rel_path: str) -> Path:
+    """Where a member goes under move_to: its path relative to PHOTOS (uploads: uploads/)."""
+    if rel_path.startswith(UPLOAD_PREFIX):
+        return move_to / "uploads" / rel_path[len(UPLOAD_PREFIX) :]
+    return move_to / rel_path
+
+
+def check_move_to(store: Store, move_to: Path) -> Path:
+    """The absolute move-to folder; refused inside PHOTOS or the store (it would be indexed)."""
+    target = Path(move_to).expanduser().resolve()
+    for inside, name in ((store.photos_root, "the photos folder"), (store.root, "the store")):
+        if inside is not None and target.is_relative_to(inside.resolve()):
+            raise InvalidArgumentError(
+                f"--move-to {target} is inside {name} ({inside}); pick a folder outside it, "
+                "or the moved photos would be indexed again"
+            )
+    if target.exists() and not target.is_dir():
+        raise InvalidArgumentError(f"--move-to {target} exists and is not a folder")
+    return target
+
+
+def plan_actions(
+    store: Store, groups: Iterable[Group], move_to: Path | None = None, delete: bool = False
+) -> list[Action]:
+    """One action per non-kept member: a move under move_to, or (delete=True) a delete."""
+    if (move_to is None) == (not delete):
+        raise InvalidArgumentError("give exactly one of a move-to folder or delete")
+    target = check_move_to(store, move_to) if move_to is not None else None
+    groups = list(groups)
+    ids = [m.id for g in groups for m in g.members]
+    records = store.db.get_many(ids)
+    actions = []
+    for g in groups:
+        keep = records.get(g.keep.id)
+        if keep is None:
+            continue
+        for m in g.others:
+            rec = records.get(m.id)
+            if rec is None:
+                continue
+            dest = str(destination(target, rec.path)) if target is not None else None
+            actions.append(Action(rec.id, rec.path, rec.sha256, keep.path, keep.sha256, dest))
+    return actions
+
+
+def preview(store: Store, action: Action) -> Path | None:
+    """The destination a move would take now (numbered if the name is taken); None: delete."""
+    if action.dest is None:
+        return None
+    for cand in _candidates(Path(action.dest)):
+        if not os.path.lexists(cand) or _is_same(cand, action.sha256):
+            return cand
+    raise InvalidArgumentError(f"no free name for {action.dest}")
+
+
+# -- the journal -------------------------------------------------------------------------------
+def journal_path(store: Store) -> Path:
+    return store.root / JOURNAL
+
+
+def pending(store: Store) -> list[Action]:
+    """The actions of an interrupted run, [] if there is none."""
+    path = journal_path(store)
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return [Action(**a) for a in data["actions"]]
+
+
+def resume(store: Store) -> ActionReport | None:
+    """Finish an interrupted run, if there is one."""
+    actions = pending(store)
+    if not actions:
+        journal_path(store).unlink(missing_ok=True)
+        return None
+    log.info("finishing an interrupted dedupe run: %d files", len(actions))
+    return _run(store, actions)
+
+
+def apply_actions(store: Store, actions: list[Action]) -> ActionReport:
+    """Move or delete the files of a plan, journalled, and remove them from the store."""
+    if journal_path(store).exists():
+        raise InvalidArgumentError(
+            f"an interrupted dedupe run is pending in {journal_path(store)}; finish it first"
+        )
+    if not actions:
+        return ActionReport()
+    write_json_atomic(journal_path(store), {"version": 1, "actions": [asdict(a) for a in actions]})
+    return _run(store, actions)
+
+
+def _run(store: Store, actions: list[Action]) -> ActionReport:
+    report = ActionReport()
+    batch: list[int] = []
+    for action in actions:
+        try:
+            outcome = _act(store, action)
+        except OSError as exc:  # one unreadable or unwritable file must not stop the rest
+            outcome = Outcome(action, "skipped", reason=f"{type(exc).__name__}: {exc}")
+        report.outcomes.append(outcome)
+        if outcome.status != "skipped":
+            batch.append(action.id)
+        if len(batch) >= STORE_BATCH:
+            report.removed += store.remove_images(batch)
+            batch = []
+    if batch:
+        report.removed += store.remove_images(batch)
+    journal_path(store).unlink(missing_ok=True)
+    return report
+
+
+# -- one file ----------------------------------------------------------------------------------
+def _act(store: Store, action: Action) -> Outcome:
+    src = store.file_path(action.path)
+    if not os.path.lexists(src):
+        if action.dest is not None:
+            for cand in _candidates(Path(action.dest)):
+                if not os.path.lexists(cand):
+                    break
+                if _is_same(cand, action.sha256):
+                    return Outcome(action, "moved", to=str(cand))
+        return Outcome(action, "gone")
+    if not src.is_file() or _sha256(src) != action.sha256:
+        return Outcome(action, "skipped", reason="changed since it was indexed")
+    if action.dest is None:
+        keep = store.file_path(action.keep)
+        if not keep.is_file() or _sha256(keep) != action.keep_sha256:
+            return Outcome(
+                action, "skipped", reason=f"the kept file {action.keep} is missing or changed"
+            )
+        src.unlink()
+        _fsync_dir(src.parent)
+        return Outcome(action, "deleted")
+    return Outcome(action, "moved", to=str(_move(src, Path(action.dest), action.sha256)))
+
+
+def _candidates(base: Path):
+    yield base
+    for n in itertools.count(1):
+        if n > MAX_SUFFIX:
+            raise InvalidArgumentError(f"no free name for {base} after {MAX_SUFFIX} tries")
+        yield base.with_name(f"{base.stem}-{n}{base.suffix}")
+
+
+def _move(src: Path, base: Path, sha: str) -> Path:
+    """Move src to base or the first free numbered name beside it; never overwrites."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for cand in _candidates(base):
+        if os.path.lexists(cand):
+            if _is_same(cand, sha):  # an interrupted run already put it here
+                break
+            continue
+        try:
+            os.link(src, cand)  # atomic, and fails if the name exists
+        except FileExistsError:
+            continue
+        except OSError:  # another filesystem, or no hard links there
+            if not _copy_into(src, cand, sha):
+                continue
+        break
+    _fsync_dir(cand.parent)
+    src.unlink()
+    _fsync_dir(src.parent)
+    return cand
+
+
+def _copy_into(src: Path, dest: Path, sha: str) -> bool:
+    """Copy src to dest through a verified, fsynced temporary file; False if dest got taken."""
+    tmp = dest.with_name(f".{dest.name}.lookalike-part")
+    with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 20)
+        fo.flush()
+        os.fsync(fo.fileno())
+    shutil.copystat(src, tmp)
+    try:
+        if _sha256(tmp) != sha:
+            raise OSError(f"copy of {src} to {dest} does not match the original")
+        try:
+            os.link(tmp, dest)
+        except FileExistsError:
+            return False
+        except OSError:
+            if os.path.lexists(dest):
+                return False
+            os.rename(tmp, dest)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _is_same(path: Path, sha: str) -> bool:
+    return path.is_file() and _sha256(path) == sha
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,104 @@
+"""Dedupe groups written for people: a CSV of members and a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import logging
+from pathlib import Path
+
+from PIL import Image
+
+from .index.dedupe import Group
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("group", "keep", "path", "score", "bytes", "width", "height")
+THUMB_SIDE = 160  # pixels, long side of the thumbnails embedded in the HTML page
+
+
+def write_csv(groups: list[Group], path: Path) -> None:
+    """One row per member: its group number (from 1), whether it is kept, and its facts."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        for number, g in enumerate(groups, 1):
+            for m in g.members:
+                keep = int(m.id == g.keep.id)
+                writer.writerow(
+                    [number, keep, m.path, f"{m.score:.6f}", m.bytes, m.width, m.height]
+                )
+
+
+def thumbnail_uri(path: Path, side: int = THUMB_SIDE) -> str | None:
+    """A small JPEG of the image as a data: URI, or None if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (side, side))
+            img = img.convert("RGB")
+            img.thumbnail((side, side), Image.Resampling.BILINEAR)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=80)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        log.info("no thumbnail for %s: %s", path, exc)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+_STYLE = """
+body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222;background:#fafafa}
+h1{font-size:1.3rem}.group{background:#fff;border:1px solid #ddd;border-radius:8px;
+padding:.8rem;margin:0 0 1rem}.group h2{font-size:1rem;margin:0 0 .6rem}
+.row{display:flex;flex-wrap:wrap;gap:.8rem}.card{width:170px;border:2px solid #ddd;
+border-radius:6px;padding:4px;font-size:12px;word-break:break-all}
+.card.keep{border-color:#2a7}.card img{display:block;max-width:160px;max-height:160px;
+margin:0 auto 4px}.badge{background:#2a7;color:#fff;border-radius:3px;padding:0 4px}
+.missing{height:100px;display:flex;align-items:center;justify-content:center;background:#eee}
+"""
+
+
+def render_html(store: Store, groups: list[Group], threshold: float) -> str:
+    """One page: each group a row of thumbnails with size, resolution and score; kept marked."""
+    total = sum(len(g.others) for g in groups)
+    saved = sum(m.bytes for g in groups for m in g.others)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<title>lookalike dedupe</title><style>",
+        _STYLE,
+        "</style></head><body>",
+        f"<h1>{len(groups)} groups of near-duplicates</h1>",
+        f"<p>threshold {threshold:.4f} (cosine) &middot; {total} photos besides the kept ones "
+        f"&middot; {_size(saved)}</p>",
+    ]
+    for number, g in enumerate(groups, 1):
+        parts.append(f"<div class='group'><h2>Group {number} &middot; {len(g.members)}</h2>")
+        parts.append("<div class='row'>")
+        for m in g.members:
+            kept = m.id == g.keep.id
+            uri = thumbnail_uri(store.file_path(m.path))
+            img = f"<img src='{uri}' alt=''>" if uri else "<div class='missing'>no preview</div>"
+            badge = "<span class='badge'>keep</span> " if kept else ""
+            parts.append(
+                f"<div class='card{' keep' if kept else ''}'>{img}{badge}"
+                f"{html.escape(m.path)}<br>{m.width}&times;{m.height} &middot; "
+                f"{_size(m.bytes)} &middot; score {m.score:.4f}</div>"
+            )
+        parts.append("</div></div>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_html(store: Store, groups: list[Group], threshold: float, path: Path) -> None:
+    """Write render_html to path."""
+    Path(path).write_text(render_html(store, groups, threshold), encoding="utf-8")

@@ -1,0 +1,164 @@
+"""`lookalike eval retrieval|neardup`: parse flags, call one driver of .run, print a table or JSON.
+
+Registered on the main app by lookalike/cli.py; TensorFlow loads only when a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+eval_app = typer.Typer(
+    help="Measure retrieval and near-duplicate quality against baselines.",
+    no_args_is_help=True,
+)
+out = Console()
+
+PhotosArg = Annotated[Path, typer.Argument(help="Folder of photos (walked recursively).")]
+EvalStoreOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--store", "-s", help="Store of PHOTOS to evaluate; default: train a temporary one."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# advanced: the model a temporary store trains (tests pass a tiny one)
+EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs (upper bound).", hidden=True)]
+ImageSizeOpt = Annotated[int | None, typer.Option(help="Model input side, pixels.", hidden=True)]
+ModelConfigOpt = Annotated[
+    str | None,
+    typer.Option(help="ModelConfig fields as a JSON object, for training.", hidden=True),
+]
+
+
+def _model(model_config: str | None, epochs: int | None, image_size: int | None):
+    from ..config import ModelConfig
+    from ..errors import InvalidArgumentError
+
+    base = ModelConfig()
+    if model_config:
+        try:
+            data = json.loads(model_config)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"--model-config is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidArgumentError("--model-config must be a JSON object of ModelConfig fields")
+        base = ModelConfig.from_dict(data)
+    return base.replace(epochs=epochs, image_size=image_size)
+
+
+def _run(driver, **kwargs) -> dict[str, Any]:
+    """Call a driver with the main CLI's progress bar and error handling."""
+    from ..cli import errors_to_exit, progress_bar
+
+    with errors_to_exit():
+        with progress_bar(sys.stderr.isatty()) as progress:
+            return driver(progress=progress, **kwargs)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _print(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report))
+        return
+    methods = report["methods"]
+    if report["task"] == "transforms":
+        table = Table(title="recall@1 of a transformed copy's original", title_justify="left")
+        table.add_column("transform")
+        for name in methods:
+            table.add_column(name, justify="right")
+        for tname in report["transforms"]:
+            cells = [_fmt(m["by_transform"].get(tname)) for m in methods.values()]
+            table.add_row(tname, *cells)
+        table.add_row("all", *[_fmt(m["recall@1"]) for m in methods.values()], style="bold")
+    else:
+        keys = list(next(iter(methods.values())))
+        table = Table(title=f"{report['task']}", title_justify="left")
+        table.add_column("method")
+        for key in keys:
+            table.add_column(key, justify="right")
+        for name, scores in methods.items():
+            table.add_row(name, *[_fmt(scores[key]) for key in keys])
+    out.print(table)
+    facts = {k: report.get(k) for k in ("n", "images", "k", "groups", "sample") if k in report}
+    out.print(
+        ", ".join(f"{k} {v}" for k, v in facts.items()) + f"; {report['seconds']['total']:.1f} s",
+        highlight=False,
+    )
+    for note in report.get("notes", []):
+        out.print(f"[dim]note: {note}[/dim]", highlight=False)
+
+
+@eval_app.command()
+def retrieval(
+    photos: PhotosArg,
+    store: EvalStoreOpt = None,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, max=1000, help="Neighbours per query.")
+    ] = 10,
+    as_json: JsonOpt = False,
+    epochs: EpochsOpt = None,
+    image_size: ImageSizeOpt = None,
+    model_config: ModelConfigOpt = None,
+) -> None:
+    """Every labelled photo (PHOTOS/<label>/<file>) queries the others: p@1, p@k, map@k, kNN vote."""
+    from ..cli import errors_to_exit
+    from .run import evaluate_retrieval
+
+    with errors_to_exit():
+        model = _model(model_config, epochs, image_size)
+    report = _run(evaluate_retrieval, photos=photos, store=store, k=k, model=model)
+    _print(report, as_json)
+
+
+@eval_app.command()
+def neardup(
+    photos: PhotosArg,
+    groups: Annotated[
+        Path | None,
+        typer.Option(help="CSV of file,group_id; single-member groups are distractors."),
+    ] = None,
+    transforms: Annotated[
+        bool, typer.Option("--transforms", help="Make transformed copies of a sample; no labels.")
+    ] = False,
+    store: EvalStoreOpt = None,
+    sample: Annotated[int, typer.Option(min=1, help="Photos sampled with --transforms.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the --transforms sample.")] = 0,
+    as_json: JsonOpt = False,
+    epochs: EpochsOpt = None,
+    image_size: ImageSizeOpt = None,
+    model_config: ModelConfigOpt = None,
+) -> None:
+    """Near-duplicate search and dedupe: recall@3, mrr, pair P/R/F1, recall at precision 0.95."""
+    from ..cli import errors_to_exit, fail
+    from .run import evaluate_neardup, evaluate_transforms
+
+    if (groups is None) == (not transforms):
+        fail("give either --groups GROUPS.csv or --transforms", code=2)
+    with errors_to_exit():
+        model = _model(model_config, epochs, image_size)
+    if transforms:
+        report = _run(
+            evaluate_transforms,
+            photos=photos,
+            store=store,
+            sample=sample,
+            seed=seed,
+            model=model,
+        )
+    else:
+        report = _run(evaluate_neardup, photos=photos, groups_csv=groups, store=store, model=model)
+    _print(report, as_json)

@@ -1,0 +1,101 @@
+"""Files of another folder that already have a near-duplicate in a collection (the import case).
+
+Nothing is added to the store: each file is embedded with the store's model and searched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import StoreNotFoundError
+from .images import FailedImage, find_images, iter_batches
+from .index.dedupe import check_threshold
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .store import Store
+
+MATCHES = 5  # near-duplicates listed per file at most
+
+
+@dataclass(frozen=True)
+class Known:
+    """A file of the folder, and the stored photos at or above the threshold (best first)."""
+
+    path: str  # relative to the folder
+    matches: list[tuple[str, float]]  # (stored path relative to PHOTOS, cosine)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "matches": [{"path": p, "score": round(s, 6)} for p, s in self.matches],
+        }
+
+
+@dataclass
+class IncomingReport:
+    """Which files of a folder the collection already has."""
+
+    folder: Path
+    threshold: float
+    checked: int = 0
+    known: list[Known] = field(default_factory=list)
+    failed: list[FailedImage] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": round(self.threshold, 6),
+            "folder": str(self.folder),
+            "checked": self.checked,
+            "files": [k.to_dict() for k in self.known],
+            "failed": [{"path": str(f.path), "error": f.error} for f in self.failed],
+        }
+
+
+def find_known(
+    engine: Engine, folder: Path | str, threshold: float, k: int = MATCHES, batch_size: int = 64
+) -> IncomingReport:
+    """Embed every image under folder and list those with a stored near-duplicate.
+
+    A stored photo with the same sha256 always matches (score 1); a file that is itself one of
+    the stored photos is not matched with itself.
+    """
+    t = check_threshold(threshold)
+    folder = Path(folder).expanduser().resolve()
+    report = IncomingReport(folder, t)
+    base = folder if folder.is_dir() else folder.parent
+    store = engine.store
+    for ok, bad in iter_batches(
+        find_images(folder), engine.image_size, batch_size, max_pixels=engine.max_pixels
+    ):
+        report.failed.extend(bad)
+        report.checked += len(ok) + len(bad)
+        if not ok:
+            continue
+        vectors = engine.embed(np.stack([im.pixels for im in ok]))
+        hits = engine.search_vectors(vectors, k + 1)
+        for im, row in zip(ok, hits):
+            own = im.path.resolve()
+            found: dict[str, float] = {}
+            for rec in store.db.by_sha256(im.sha256):
+                found[rec.path] = 1.0
+            for h in row:
+                if h.score >= t:
+                    found.setdefault(h.path, h.score)
+            matches = [(p, s) for p, s in found.items() if _where(store, p) != own]
+            matches.sort(key=lambda m: (-m[1], m[0]))
+            if matches:
+                report.known.append(Known(im.path.relative_to(base).as_posix(), matches[:k]))
+    report.known.sort(key=lambda x: x.path)
+    return report
+
+
+def _where(store: Store, rel_path: str) -> Path | None:
+    try:
+        return store.file_path(rel_path).resolve()
+    except StoreNotFoundError:  # a store without a photos root: no stored file is this one
+        return None

@@ -1,0 +1,126 @@
+"""Tests for lookalike.encoder.model: architecture, names, shapes, GeM pooling, saving."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import TINY
+
+from lookalike.encoder.model import (
+    GeMPooling,
+    build_autoencoder,
+    build_decoder,
+    build_encoder,
+)
+
+
+def _pixels(n: int = 2, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype(np.float32)
+
+
+def test_encoder_and_decoder_are_separately_named_models():
+    encoder, decoder, autoencoder = build_autoencoder(TINY)
+    assert isinstance(encoder, keras.Model) and isinstance(decoder, keras.Model)
+    assert encoder.name == "encoder"
+    assert decoder.name == "decoder"
+    assert autoencoder.name == "autoencoder"
+    # the autoencoder is the composition of the two, sharing their weights
+    names = [layer.name for layer in autoencoder.layers]
+    assert "encoder" in names and "decoder" in names
+    assert autoencoder.get_layer("encoder") is encoder
+    assert autoencoder.get_layer("decoder") is decoder
+    n_shared = len(encoder.weights) + len(decoder.weights)
+    assert len(autoencoder.weights) == n_shared
+
+
+def test_shapes():
+    encoder, decoder, autoencoder = build_autoencoder(TINY)
+    out = encoder(_pixels(3), training=False)
+    low = TINY.image_size // 2 ** len(TINY.filters)
+    assert tuple(out["code"].shape) == (3, low, low, TINY.code_channels)
+    pooled = sum(TINY.filters[level - 1] for level in TINY.pooled_levels)
+    assert tuple(out["features"].shape) == (3, pooled)
+    recon = np.asarray(decoder(out["code"], training=False))
+    assert recon.shape == (3, TINY.image_size, TINY.image_size, 3)
+    assert recon.min() >= 0.0 and recon.max() <= 1.0  # sigmoid output
+    assert tuple(autoencoder(_pixels(3), training=False).shape) == recon.shape
+
+
+def test_features_are_per_level_unit_norm():
+    encoder = build_encoder(TINY)
+    f = np.asarray(encoder(_pixels(4), training=False)["features"])
+    start = 0
+    for level in TINY.pooled_levels:
+        width = TINY.filters[level - 1]
+        np.testing.assert_allclose(
+            np.linalg.norm(f[:, start : start + width], axis=1), 1, atol=1e-5
+        )
+        start += width
+
+
+def test_single_pooled_level():
+    cfg = TINY.replace(pooled_levels=(4,))
+    f = build_encoder(cfg)(_pixels(1), training=False)["features"]
+    assert tuple(f.shape) == (1, TINY.filters[-1])
+
+
+def test_image_size_must_divide_by_the_number_of_levels():
+    with pytest.raises(ValueError, match="divisible"):
+        build_encoder(TINY.replace(image_size=40))
+
+
+def test_decoder_input_matches_encoder_code():
+    cfg = TINY.replace(image_size=64, code_channels=3)
+    decoder = build_decoder(cfg)
+    assert tuple(decoder.input_shape) == (None, 4, 4, 3)
+    assert tuple(decoder.output_shape) == (None, 64, 64, 3)
+
+
+# --------------------------------------------------------------------------- GeM
+
+
+def test_gem_p1_is_average_pooling_and_large_p_approaches_max():
+    x = np.random.default_rng(0).uniform(0.1, 2.0, (2, 5, 5, 3)).astype(np.float32)
+    avg = np.asarray(GeMPooling(p=1.0)(x))
+    np.testing.assert_allclose(avg, x.mean(axis=(1, 2)), rtol=1e-5)
+    y = x / 2.0  # in (0, 1]: y^p stays finite in float32
+    big = np.asarray(GeMPooling(p=100.0)(y))
+    np.testing.assert_allclose(big, y.max(axis=(1, 2)), rtol=0.05)
+    assert np.all(big <= y.max(axis=(1, 2)) + 1e-6)
+    p3 = np.asarray(GeMPooling(p=3.0)(x))
+    np.testing.assert_allclose(p3, np.mean(x**3, axis=(1, 2)) ** (1 / 3), rtol=1e-5)
+
+
+def test_gem_clips_negative_inputs_at_eps():
+    x = -np.ones((1, 2, 2, 1), np.float32)
+    out = np.asarray(GeMPooling(p=3.0, eps=1e-6)(x))
+    np.testing.assert_allclose(out, 1e-6, rtol=1e-3)
+    assert np.all(np.isfinite(out))
+
+
+def test_gem_round_trips_through_keras_save_load(tmp_path):
+    inputs = keras.Input((6, 6, 4))
+    outputs = GeMPooling(p=2.5, eps=1e-5, name="gem")(inputs)
+    model = keras.Model(inputs, outputs)
+    path = tmp_path / "gem.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, compile=False)  # registered: no custom_objects
+    layer = loaded.get_layer("gem")
+    assert isinstance(layer, GeMPooling)
+    assert layer.p == 2.5 and layer.eps == 1e-5
+    x = np.random.default_rng(1).uniform(0, 1, (3, 6, 6, 4)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6)
+    assert GeMPooling.from_config(layer.get_config()).p == 2.5
+
+
+def test_encoder_round_trips_through_keras_save_load(tmp_path):
+    encoder = build_encoder(TINY)
+    path = tmp_path / "encoder.keras"
+    encoder.save(path)
+    loaded = keras.models.load_model(path, compile=False)
+    assert loaded.name == "encoder"
+    x = _pixels(2)
+    a, b = encoder(x, training=False), loaded(x, training=False)
+    for key in ("code", "features"):
+        np.testing.assert_allclose(np.asarray(b[key]), np.asarray(a[key]), rtol=1e-6, atol=1e-6)

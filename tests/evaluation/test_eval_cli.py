@@ -1,0 +1,203 @@
+"""`lookalike eval` end to end on tiny generated sets, and the bench scripts in smoke form."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY, make_photo  # noqa: E402
+from typer.testing import CliRunner
+
+from lookalike.cli import app
+from lookalike.evaluation.run import TRANSFORMS, label_of
+
+ROOT = Path(__file__).resolve().parents[2]
+RETRIEVAL_KEYS = ["p@1", "p@10", "map@10", "knn_top1", "knn_top3"]
+NEARDUP_KEYS = ["recall@3", "mrr", "pair_precision", "pair_recall", "pair_f1", "recall@p0.95"]
+METHODS = ["lookalike", "raw_pixels", "phash"]
+TINY_JSON = json.dumps(TINY.replace(epochs=2).to_dict())
+HAS_DEDUPE = importlib.util.find_spec("lookalike.index.dedupe") is not None
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def neardup_set(tmp_path_factory) -> tuple[Path, Path]:
+    """4 groups of 3 (original, JPEG q15, centre crop 85 %) and 4 distractors, with groups.csv."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("neardup")
+    photos = root / "photos"
+    photos.mkdir()
+    rows = []
+    for g in range(4):
+        img = make_photo(np.random.default_rng(100 + g), (64, 48))
+        img.save(photos / f"g{g}_original.jpg", quality=92)
+        img.save(photos / f"g{g}_jpeg.jpg", quality=15)
+        img.crop((5, 4, 59, 44)).save(photos / f"g{g}_crop.jpg", quality=92)
+        rows += [(f"g{g}_{v}.jpg", f"g{g}", v) for v in ("original", "jpeg", "crop")]
+    for d in range(4):
+        make_photo(np.random.default_rng(200 + d), (64, 48)).save(photos / f"d{d}.jpg")
+        rows.append((f"d{d}.jpg", f"d{d}", "distractor"))
+    groups = root / "groups.csv"
+    with open(groups, "w", newline="") as fh:
+        csv.writer(fh).writerows([("file", "group_id", "variant"), *rows])
+    return photos, groups
+
+
+def test_retrieval_matches_the_stores_own_search(photos_dir, tiny_store):
+    report = invoke("retrieval", str(photos_dir), "--store", str(tiny_store), "--json")
+    assert report["task"] == "retrieval" and report["k"] == 10
+    assert report["n"] == report["images"] == 30
+    assert report["labels"] == {"a": 15, "b": 15}
+    assert list(report["methods"]) == METHODS
+    for scores in report["methods"].values():
+        assert list(scores) == RETRIEVAL_KEYS
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert any("pretrained CNN" in note for note in report["notes"])
+
+    from lookalike.engine import Engine
+
+    engine = Engine.open(tiny_store)
+    try:
+        p1 = p10 = 0.0
+        for rec in list(engine.store.db.records()):
+            hits = engine.search_id(rec.id, 10)
+            same = [label_of(h.path) == label_of(rec.path) for h in hits]
+            p1 += same[0]
+            p10 += sum(same) / 10
+    finally:
+        engine.close()
+    assert report["methods"]["lookalike"]["p@1"] == pytest.approx(p1 / 30, abs=1e-12)
+    assert report["methods"]["lookalike"]["p@10"] == pytest.approx(p10 / 30, abs=1e-12)
+
+
+def test_neardup_trains_a_temporary_store(neardup_set):
+    photos, groups = neardup_set
+    report = invoke(
+        "neardup", str(photos), "--groups", str(groups), "--json", "--model-config", TINY_JSON
+    )
+    assert report["trained"] is True and report["store"] is None
+    assert (report["n"], report["images"], report["groups"]) == (12, 16, 4)
+    assert report["true_pairs"] == 12 and report["mrr_depth"] == 15
+    assert list(report["methods"]) == METHODS
+    for name, scores in report["methods"].items():
+        assert list(scores) == NEARDUP_KEYS
+        for key, value in scores.items():
+            if value is None:  # only lookalike's dedupe pairs, while dedupe does not exist
+                assert name == "lookalike" and key.startswith("pair_") and not HAS_DEDUPE
+            else:
+                assert 0.0 <= value <= 1.0
+    # pHash finds JPEG re-encodes and the crop's group-mates easily on these flat drawings
+    assert report["methods"]["phash"]["recall@3"] > 0.5
+
+
+def test_neardup_transforms_with_a_stores_model(photos_dir, tiny_store):
+    report = invoke(
+        "neardup",
+        str(photos_dir),
+        "--transforms",
+        "--sample",
+        "3",
+        "--store",
+        str(tiny_store),
+        "--json",
+    )
+    assert report["task"] == "transforms" and report["trained"] is False
+    assert (report["sample"], report["n"], report["images"]) == (3, 24, 27)
+    for scores in report["methods"].values():
+        assert list(scores["by_transform"]) == list(TRANSFORMS)
+        assert 0.0 <= scores["recall@1"] <= 1.0
+    # a JPEG re-encode of a flat drawing keeps its pHash and its thumbnail
+    assert report["methods"]["phash"]["by_transform"]["jpeg_q30"] == 1.0
+    assert report["methods"]["raw_pixels"]["by_transform"]["jpeg_q30"] == 1.0
+
+
+def test_neardup_table_and_flag_errors(neardup_set, photos_dir, tiny_store):
+    photos, groups = neardup_set
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", "neardup", str(photos)])
+    assert result.exit_code == 2 and "--groups" in result.output
+    result = runner.invoke(
+        app, ["eval", "neardup", str(photos), "--groups", str(groups), "--store", str(tiny_store)]
+    )
+    assert result.exit_code == 1 and "not" in result.output  # the store indexes another folder
+    result = runner.invoke(app, ["eval", "retrieval", str(photos_dir), "--store", str(tiny_store)])
+    assert result.exit_code == 0, result.output
+    assert "lookalike" in result.stdout and "raw_pixels" in result.stdout
+
+
+# -- benchmark scripts, smoke configuration ---------------------------------------------------
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_bench_index_smoke(tmp_path, photos_dir):
+    out = tmp_path / "index.json"
+    run_script(
+        "scripts/bench_index.py",
+        "--source",
+        str(photos_dir),
+        "--scratch",
+        str(tmp_path / "scratch"),
+        "--sizes",
+        "40",
+        "--tiny",
+        "--epochs",
+        "1",
+        "--json",
+        str(out),
+    )
+    data = json.loads(out.read_text())
+    row = data["sizes"][0]
+    assert row["images"] == 40
+    for key in ("decode_images_per_s", "embed_images_per_s", "train_images_per_s_epoch"):
+        assert row[key] > 0
+    assert row["peak_rss_mb"] > 0 and row["store_bytes_per_image"] > 0
+    assert data["peers"][0]["phash_images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_query_smoke(tmp_path, photos_dir):
+    out = tmp_path / "query.json"
+    run_script(
+        "scripts/bench_query.py",
+        "--source",
+        str(photos_dir),
+        "--scratch",
+        str(tmp_path / "scratch"),
+        "--sizes",
+        "40",
+        "--tiny",
+        "--queries",
+        "10",
+        "--vectors",
+        "3000",
+        "--nq",
+        "50",
+        "--runs",
+        "1",
+        "--json",
+        str(out),
+    )
+    data = json.loads(out.read_text())
+    assert data["latency"][0]["p50_ms"] > 0
+    kinds = {row["index"] for row in data["knn"]}
+    assert {"flat", "ivf"} <= kinds
+    assert all(row["recall@10"] == 1.0 for row in data["knn"] if row["index"] == "flat")

@@ -1,0 +1,221 @@
+"""Tests for lookalike.cli through typer's CliRunner: JSON output and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import PHOTO_SEEDS, photo_name, write_photo
+from typer.testing import CliRunner
+
+from lookalike.cli import app
+
+N = len(PHOTO_SEEDS)
+INDEX_KEYS = {"images", "added", "updated", "removed", "unchanged", "failed", "trained", "seconds"}
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def run(runner: CliRunner, *args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """Non-zero exit, no traceback, and exactly one non-empty line on stderr."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout.strip() == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- index
+
+
+def test_index_json_prints_one_object(runner, store_copy):
+    photos, store = store_copy
+    write_photo(photos / "a" / "cli_new.jpg", 7000)
+    (photos / photo_name(12)).unlink()
+    result = run(runner, "index", photos, "--store", store, "--json")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stdout
+    report = json.loads(lines[0])
+    assert INDEX_KEYS <= set(report)
+    assert report["images"] == N
+    assert (report["added"], report["updated"], report["removed"]) == (1, 0, 1)
+    assert report["unchanged"] == N - 1
+    assert report["failed"] == [] and report["trained"] is False
+    assert isinstance(report["seconds"], float) and report["seconds"] >= 0
+
+
+def test_index_json_lists_failed_files(runner, store_copy):
+    photos, store = store_copy
+    (photos / "broken.jpg").write_text("not a jpeg")
+    result = run(runner, "index", photos, "--store", store, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["failed"]) == 1
+    failed = report["failed"][0]
+    assert Path(failed["path"]).name == "broken.jpg" and failed["error"]
+
+
+def test_index_text_summary(runner, store_copy):
+    photos, store = store_copy
+    result = run(runner, "index", photos, "--store", store)
+    assert result.exit_code == 0, result.output
+    assert f"{N} images indexed" in result.stdout and f"{N} unchanged" in result.stdout
+
+
+def test_index_of_a_missing_folder_is_one_line(runner, tmp_path):
+    result = run(runner, "index", tmp_path / "no_photos", "--store", tmp_path / "store", "--json")
+    assert_one_line_error(result, "error:", "not found")
+
+
+# --------------------------------------------------------------------------- search
+
+
+def test_search_file_json(runner, tiny_store, photos_dir):
+    query = photos_dir / photo_name(3)
+    result = run(runner, "search", query, "--store", tiny_store, "--json", "-k", "4")
+    assert result.exit_code == 0, result.output
+    lines = _json_lines(result.stdout)
+    assert len(lines) == 1
+    (line,) = lines
+    assert line["query"] == str(query)
+    assert len(line["results"]) == 4
+    for hit in line["results"]:
+        assert set(hit) >= {"id", "path", "score"}
+        assert isinstance(hit["id"], int) and isinstance(hit["score"], float)
+    assert line["results"][0]["path"] == photo_name(3)
+    assert line["results"][0]["score"] >= 0.99
+
+
+def test_search_several_files_one_line_each(runner, tiny_store, photos_dir):
+    queries = [photos_dir / photo_name(s) for s in (0, 1, 2)]
+    result = run(runner, "search", *queries, "--store", tiny_store, "--json", "-k", "2")
+    assert result.exit_code == 0, result.output
+    lines = _json_lines(result.stdout)
+    assert [line["query"] for line in lines] == [str(q) for q in queries]
+    assert [line["results"][0]["path"] for line in lines] == [photo_name(s) for s in (0, 1, 2)]
+
+
+def test_search_folder(runner, tiny_store, photos_dir):
+    result = run(runner, "search", photos_dir / "a", "--store", tiny_store, "--json", "-k", "1")
+    assert result.exit_code == 0, result.output
+    lines = _json_lines(result.stdout)
+    in_a = sorted(photo_name(s) for s in PHOTO_SEEDS if photo_name(s).startswith("a/"))
+    assert len(lines) == len(in_a)
+    for line in lines:
+        rel = Path(line["query"]).relative_to(photos_dir).as_posix()
+        assert line["results"][0]["path"] == rel
+
+
+def test_search_table_output(runner, tiny_store, photos_dir):
+    result = run(runner, "search", photos_dir / photo_name(5), "--store", tiny_store, "-k", "3")
+    assert result.exit_code == 0, result.output
+    assert photo_name(5) in result.stdout
+
+
+def test_search_missing_query_file_is_one_line(runner, tiny_store, tmp_path):
+    missing = tmp_path / "nope.jpg"
+    result = run(runner, "search", missing, "--store", tiny_store, "--json")
+    assert_one_line_error(result, "nope.jpg")
+
+
+def test_search_query_that_is_not_an_image_is_one_line(runner, tiny_store, tmp_path):
+    query = tmp_path / "fake.jpg"
+    query.write_text("hello, I am text")
+    result = run(runner, "search", query, "--store", tiny_store, "--json")
+    assert_one_line_error(result, "fake.jpg", "not an image")
+
+
+def test_search_bad_query_among_good_ones(runner, tiny_store, photos_dir, tmp_path):
+    bad = tmp_path / "fake.png"
+    bad.write_bytes(b"")
+    good = photos_dir / photo_name(1)
+    result = run(runner, "search", bad, good, "--store", tiny_store, "--json")
+    assert result.exit_code != 0  # some query failed
+    assert "Traceback" not in result.output
+    lines = _json_lines(result.stdout)
+    assert [line["query"] for line in lines] == [str(good)]  # the good one was still answered
+    assert "fake.png" in result.stderr
+
+
+def test_search_missing_store_is_one_line(runner, photos_dir, tmp_path):
+    result = run(runner, "search", photos_dir / photo_name(1), "--store", tmp_path / "none")
+    assert_one_line_error(result, "error:", "no lookalike store")
+
+
+# --------------------------------------------------------------------------- info
+
+
+def test_info_json(runner, tiny_store):
+    result = run(runner, "info", "--store", tiny_store, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["images"] == N
+    assert data["embedding_dim"] == 16 and data["image_size"] == 32
+    assert data["index_type"] == "flat" and data["metric"] == "cosine"
+    assert data["format_version"] == 1
+    assert data["val_loss"] is not None and data["disk_bytes"] > 0
+
+
+def test_info_table(runner, tiny_store):
+    result = run(runner, "info", "--store", tiny_store)
+    assert result.exit_code == 0, result.output
+    assert "images" in result.stdout and str(N) in result.stdout
+
+
+def test_info_store_from_environment(runner, tiny_store):
+    result = runner.invoke(app, ["info", "--json"], env={"LOOKALIKE_STORE": str(tiny_store)})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == N
+
+
+def test_info_missing_store_is_one_line(runner):
+    result = run(runner, "info", "--store", "/nonexistent")
+    assert_one_line_error(result, "error:", "/nonexistent")
+
+
+@pytest.mark.parametrize("name", ["Photos [2019]", "x[/b]y", "[bold]store"])
+def test_error_messages_are_printed_verbatim(runner, tmp_path, name):
+    """Paths are not rich markup: brackets in them are printed as they are, not parsed."""
+    missing = tmp_path / name
+    result = runner.invoke(app, ["info", "--store", str(missing)])
+    crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert not crashed, f"{type(result.exception).__name__}: {result.exception}"
+    assert_one_line_error(result, "error:", name)
+
+
+def test_store_from_an_incompatible_version_is_one_line(runner, tmp_path, tiny_store, photos_dir):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    info = json.loads((store / "info.json").read_text())
+    info["format_version"] = 999
+    (store / "info.json").write_text(json.dumps(info))
+    assert_one_line_error(run(runner, "info", "--store", store), "error:", "999")
+    query = photos_dir / photo_name(1)
+    assert_one_line_error(run(runner, "search", query, "--store", store), "error:", "999")
+    assert_one_line_error(
+        run(runner, "index", photos_dir, "--store", store, "--json"), "error:", "999"
+    )
+
+
+def test_help_lists_the_commands(runner):
+    result = run(runner, "--help")
+    assert result.exit_code == 0
+    for command in ("index", "search", "info"):
+        assert command in result.stdout
