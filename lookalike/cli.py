@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -35,7 +36,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 
@@ -114,7 +115,8 @@ def index(
     with errors_to_exit():
         base = ModelConfig()
         if (store / "model" / "config.json").exists():
-            base = Store.open(store).model_config()
+            with Store.open(store) as st:
+                base = st.model_config()
         overrides = dict(
             epochs=epochs,
             batch_size=batch_size,
@@ -242,7 +244,8 @@ def serve(
     from .store import Store
 
     with errors_to_exit():
-        Store.open(store).model_config()  # fail fast, with one clear line, on a bad store
+        with Store.open(store) as st:
+            st.model_config()  # fail fast, with one clear line, on a bad store
     os.environ["LOOKALIKE_STORE"] = str(store)
     err.print(f"lookalike: serving {store} on http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(

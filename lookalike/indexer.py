@@ -81,6 +81,7 @@ def index_folder(
     """
     started = time.perf_counter()
     options = options or IndexOptions()
+    resolve_index_type(options.index_type, 0)  # refuse a bad type before any work
     photos = Path(photos).expanduser().resolve()
     if not photos.is_dir():
         raise InvalidArgumentError(f"photos folder not found: {photos}")

@@ -32,7 +32,7 @@ class GeMPooling(layers.Layer):
 
 def _conv(x, filters: int, strides: int, name: str):
     x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -69,7 +69,7 @@ def build_decoder(cfg: ModelConfig) -> keras.Model:
         x = layers.Conv2DTranspose(
             filters, 3, strides=2, padding="same", use_bias=False, name=f"up{level}"
         )(x)
-        x = layers.BatchNormalization(name=f"up{level}_bn")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"up{level}_bn")(x)
         x = layers.ReLU(name=f"up{level}_relu")(x)
     outputs = layers.Conv2D(3, 3, padding="same", activation="sigmoid", name="reconstruction")(x)
     return keras.Model(inputs, outputs, name="decoder")
