@@ -105,6 +105,10 @@ def index(
     retrain: Annotated[
         bool, typer.Option(help="Train a new model even if the store has one.")
     ] = False,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Labels from 'folders' (PHOTOS/<label>/...) or a CSV `path,labels`."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the autoencoder if needed, embed new and changed photos, update the index."""
@@ -125,7 +129,7 @@ def index(
             seed=seed,
         )
         model = base.replace(**overrides)
-        options = IndexOptions(index_type=index_type, retrain=retrain)
+        options = IndexOptions(index_type=index_type, retrain=retrain, labels=labels)
         if (
             any(v is not None for v in overrides.values())
             and (store / "model").exists()
@@ -227,6 +231,114 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
             value = f"{value:.5f}"
         table.add_row(key, str(value))
     out.print(table)
+
+
+@app.command()
+def suggest(
+    queries: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    store: StoreOpt,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, max=1000, help="Neighbours that vote.")
+    ] = 10,
+    top: Annotated[int, typer.Option(min=1, max=100, help="Labels to suggest.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Suggest labels for each query from its k labelled look-alikes (a weighted vote)."""
+    from .engine import Engine
+    from .images import find_images, read_file
+
+    failed = 0
+    with errors_to_exit():
+        engine = Engine.open(store)
+        for query in queries:
+            for path in list(find_images(query)) if query.is_dir() else [query]:
+                try:
+                    labels, hits = engine.suggest_bytes(read_file(path), k, top)
+                except LookalikeError as exc:
+                    err.print(f"{path}: {exc}", highlight=False, markup=False)
+                    failed += 1
+                    continue
+                if as_json:
+                    print(
+                        json.dumps(
+                            {
+                                "query": str(path),
+                                "labels": [
+                                    {"label": lab, "score": round(s, 6)} for lab, s in labels
+                                ],
+                                "neighbours": [h.to_dict() for h in hits],
+                            }
+                        )
+                    )
+                else:
+                    shown = ", ".join(f"{lab} ({s:.2f})" for lab, s in labels) or "(no labels)"
+                    out.print(f"{path}: {shown}", highlight=False, markup=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+labels_app = typer.Typer(
+    help="Show and change the labels of stored images (no re-embedding).", no_args_is_help=True
+)
+app.add_typer(labels_app, name="labels")
+
+
+@labels_app.command("set")
+def labels_set(
+    paths: Annotated[list[str], typer.Argument(help="Stored paths, relative to PHOTOS.")],
+    store: StoreOpt,
+    labels: Annotated[
+        str, typer.Option("--labels", "-l", help="Labels, '|'-separated; '' clears.")
+    ],
+) -> None:
+    """Set the labels of stored images."""
+    from .labels import split_labels
+    from .store import Store
+
+    with errors_to_exit():
+        with Store.open(store) as st:
+            unknown = [p for p in paths if st.db.by_path(p) is None]
+            if unknown:
+                fail(f"not in the store: {', '.join(unknown[:5])}")
+            changed = st.db.set_labels([(p, split_labels(labels)) for p in paths])
+    out.print(f"labels set on {changed} images")
+
+
+@labels_app.command("import")
+def labels_import(
+    csv_file: Annotated[Path, typer.Argument(help="CSV of `path,labels` rows.")],
+    store: StoreOpt,
+) -> None:
+    """Read labels from a CSV into the store (also re-read by later `lookalike index` runs)."""
+    from .labels import apply_labels
+    from .store import Store
+
+    with errors_to_exit():
+        with Store.open(store) as st:
+            source = str(csv_file.expanduser().resolve())
+            changed = apply_labels(st.db, source)
+            st.info["labels_source"] = source
+            st.save_info()
+    out.print(f"labels set on {changed} images")
+
+
+@labels_app.command("show")
+def labels_show(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """How many stored images carry each label."""
+    from collections import Counter
+
+    from .store import Store
+
+    with errors_to_exit():
+        with Store.open(store) as st:
+            counts = Counter(lab for rec in st.db.records() for lab in rec.labels)
+            unlabelled = sum(1 for rec in st.db.records() if not rec.labels)
+    if as_json:
+        print(json.dumps({"labels": dict(sorted(counts.items())), "unlabelled": unlabelled}))
+        return
+    for label, n in sorted(counts.items()):
+        out.print(f"{n:>8}  {label}", highlight=False, markup=False)
+    out.print(f"{unlabelled:>8}  (no label)", highlight=False, markup=False)
 
 
 @app.command()

@@ -61,6 +61,7 @@ class IndexOptions:
     retrain: bool = False  # train a new model even if the store has one
     workers: int = 2  # decoding threads
     max_pixels: int = 64_000_000  # images with more pixels are skipped as possible bombs
+    labels: str | None = None  # "folders", a labels CSV path, or None to keep the store's source
 
 
 class Settings(BaseSettings):

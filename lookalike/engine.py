@@ -19,6 +19,7 @@ import numpy as np
 from .errors import InvalidArgumentError, NotFoundError
 from .images import DEFAULT_MAX_PIXELS, decode
 from .index.meta import ImageRecord
+from .labels import vote
 from .store import UPLOAD_PREFIX, Store
 
 if TYPE_CHECKING:
@@ -106,6 +107,13 @@ class Engine:
     def search_bytes(self, data: bytes, k: int = 10) -> list[Hit]:
         """Neighbours of an uploaded image."""
         return self.search_vectors(self.embed_bytes(data)[None], k)[0]
+
+    def suggest_bytes(
+        self, data: bytes, k: int = 10, top: int = 3
+    ) -> tuple[list[tuple[str, float]], list[Hit]]:
+        """Labels for an image from its k neighbours' vote (see lookalike.labels.vote)."""
+        hits = self.search_bytes(data, k)
+        return vote(((h.labels, h.score) for h in hits), top), hits
 
     def search_id(self, image_id: int, k: int = 10) -> list[Hit]:
         """Neighbours of a stored image, itself excluded."""

@@ -17,6 +17,7 @@ from .errors import InvalidArgumentError
 from .images import DecodedImage, FailedImage, find_images, iter_batches
 from .index.knn import resolve_index_type
 from .index.meta import ImageRecord
+from .labels import FOLDERS, apply_labels, read_labels_csv
 from .store import UPLOAD_PREFIX, Store
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ def index_folder(
     started = time.perf_counter()
     options = options or IndexOptions()
     resolve_index_type(options.index_type, 0)  # refuse a bad type before any work
+    labels_source = options.labels
+    if labels_source is not None and labels_source != FOLDERS:
+        labels_source = str(Path(labels_source).expanduser().resolve())
+        read_labels_csv(Path(labels_source))  # a malformed CSV fails before any work
     photos = Path(photos).expanduser().resolve()
     if not photos.is_dir():
         raise InvalidArgumentError(f"photos folder not found: {photos}")
@@ -91,6 +96,14 @@ def index_folder(
     try:
         with store.writing():
             _run(store, photos, model, options, progress, report)
+            labels_source = labels_source or store.info.get("labels_source")
+            if labels_source:
+                if labels_source != FOLDERS and not Path(labels_source).exists():
+                    log.warning("labels file %s is gone; labels left as they are", labels_source)
+                else:
+                    apply_labels(store.db, labels_source)
+                    store.info["labels_source"] = labels_source
+                    store.save_info()
     finally:
         store.close()
     report.seconds = time.perf_counter() - started

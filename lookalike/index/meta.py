@@ -148,13 +148,23 @@ class MetaDB:
         return ids
 
     def set_labels(self, path_labels: Iterable[tuple[str, tuple[str, ...]]]) -> int:
-        """Set the labels of the given paths (no re-embedding); returns rows changed."""
-        with self.conn:
-            cur = self.conn.executemany(
-                "UPDATE images SET labels = ? WHERE path = ?",
-                [("|".join(lab) if lab else None, p) for p, lab in path_labels],
-            )
-        return cur.rowcount
+        """Set the labels of the given paths in one transaction (no re-embedding); returns the
+        number of rows whose path is known."""
+        cur = self.conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            changed = 0
+            for path, labels in path_labels:
+                cur.execute(
+                    "UPDATE images SET labels = ? WHERE path = ?",
+                    ("|".join(labels) if labels else None, path),
+                )
+                changed += cur.rowcount
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return changed
 
     # -- reads --------------------------------------------------------------------------------
     def __len__(self) -> int:
