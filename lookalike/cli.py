@@ -92,7 +92,9 @@ def main_callback(
 def index(
     photos: Annotated[Path, typer.Argument(help="Folder of photos (walked recursively).")],
     store: StoreOpt,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (upper bound).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Training epochs (default: from the training budget).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
     image_size: Annotated[
         int | None, typer.Option(help="Model input side, pixels (multiple of 16).")
@@ -379,7 +381,7 @@ def dedupe(
             min=-1.0,
             max=1.0,
             help="Cosine at or above which photos are duplicates "
-            "[default: the store's calibrated value].",
+            "(default: the store's calibrated value).",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the groups as JSON.")] = False,
@@ -442,7 +444,7 @@ def dedupe(
                 return
             for k in known.known:
                 best = ", ".join(f"{p} ({s:.4f})" for p, s in k.matches)
-                out.print(f"{k.path}  ->  {best}", highlight=False, markup=False)
+                out.print(f"{k.path}  ->  {best}", highlight=False, markup=False, soft_wrap=True)
             out.print(
                 f"{len(known.known)} of {known.checked} files already have a near-duplicate "
                 f"(threshold {t:.4f})"
@@ -476,20 +478,26 @@ def dedupe(
                     f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}",
                     highlight=False,
                     markup=False,
+                    soft_wrap=True,
                 )
         spare = sum(len(g.others) for g in groups)
         out.print(f"{len(groups)} groups, {spare} photos besides the kept ones (threshold {t:.4f})")
         if report is not None:
             for o in report.outcomes:
                 where = f" -> {o.to}" if o.to else (f": {o.reason}" if o.reason else "")
-                out.print(f"{o.status} {o.action.path}{where}", highlight=False, markup=False)
+                out.print(
+                    f"{o.status} {o.action.path}{where}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
             if report.skipped:
                 err.print(f"{len(report.skipped)} files skipped (listed above)")
         elif actions:
             for a in actions:
                 dest = preview(st, a)
                 line = f"would move {a.path} -> {dest}" if dest else f"would delete {a.path}"
-                out.print(line, highlight=False, markup=False)
+                out.print(line, highlight=False, markup=False, soft_wrap=True)
             out.print("dry run: nothing changed; add --yes to do it")
 
 

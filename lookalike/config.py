@@ -17,19 +17,23 @@ class ModelConfig:
 
     image_size: int = 64  # square input side in pixels; every image is resized to this
     filters: tuple[int, ...] = (32, 64, 128, 256)  # channels of each stride-2 conv level
+    refine_levels: tuple[int, ...] = (1, 2, 3, 4)  # levels with a second, stride-1 3x3 conv
     code_channels: int = 16  # channels of the bottleneck; code = (size/16)^2 * this floats
-    pooled_levels: tuple[int, ...] = (2, 3, 4)  # 1-based levels GeM-pooled into the embedding
+    pooled_levels: tuple[int, ...] = (1, 2, 3, 4)  # 1-based levels GeM-pooled into the embedding
     gem_p: float = 3.0  # generalised-mean pooling exponent (1 = average, large = max)
     embedding_dim: int = 128  # dimension after PCA whitening (<= pooled feature size)
     whiten_shrink: float = 0.1  # eigenvalue floor, as a share of the mean eigenvalue
     flip_average: bool = True  # embed the image and its mirror, average the features
+    tta_scales: tuple[float, ...] = (1.0, 0.8)  # centre crops (side share) averaged at embedding
     augment: bool = True  # denoising training: input an augmented view, target the clean image
     crop_min: float = 0.6  # smallest random crop side, as a share of the image side
-    epochs: int = 12  # upper bound; early stopping on validation loss usually ends sooner
+    epochs: int | None = None  # None: as many as train_samples asks for (at most max_epochs)
+    train_samples: int = 24_000  # augmented images seen in training: bounds time, any size
+    max_epochs: int = 60  # cap for small collections
     batch_size: int = 64  # training batch
     learning_rate: float = 2e-3  # Adam
     validation_split: float = 0.1  # share of the training sample held out
-    patience: int = 3  # epochs without validation improvement before stopping
+    patience: int = 4  # epochs without validation improvement before stopping
     max_train_images: int = 20000  # training sample cap: memory and time stay bounded
     seed: int = 0  # same seed, same sample, same augmentations, same model
 
@@ -46,6 +50,12 @@ class ModelConfig:
             if key in names:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
+
+    def epochs_for(self, train_images: int) -> int:
+        """Epochs to run on train_images: cfg.epochs, or train_samples' worth (1..max_epochs)."""
+        if self.epochs is not None:
+            return self.epochs
+        return int(min(self.max_epochs, max(1, -(-self.train_samples // max(1, train_images)))))
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with the given fields changed (None values are ignored)."""

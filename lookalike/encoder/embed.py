@@ -52,12 +52,25 @@ class Embedder:
             mean = tf.constant(whitening.mean)
             proj = tf.constant(whitening.projection)
 
+        scales = tuple(cfg.tta_scales) or (1.0,)
+
         @tf.function(input_signature=[spec])
         def run(pixels):
             x = tf.cast(pixels, tf.float32)
-            f = encoder(x, training=False)["features"]
+            n = tf.shape(x)[0]
+            views = []
+            for scale in scales:  # centre crops, resized back to the input size
+                if scale < 1.0:
+                    o = (1.0 - scale) / 2.0
+                    boxes = tf.tile(tf.constant([[o, o, 1.0 - o, 1.0 - o]]), [n, 1])
+                    views.append(tf.image.crop_and_resize(x, boxes, tf.range(n), [size, size]))
+                else:
+                    views.append(x)
             if cfg.flip_average:
-                f = (f + encoder(tf.reverse(x, axis=[2]), training=False)["features"]) / 2.0
+                views += [tf.reverse(v, axis=[2]) for v in views]
+            # one encoder call over all views: (views * n, ...) -> mean over views
+            f = encoder(tf.concat(views, axis=0), training=False)["features"]
+            f = tf.reduce_mean(tf.reshape(f, [len(views), n, -1]), axis=0)
             if proj is not None:
                 f = tf.matmul(f - mean, proj)
             return tf.math.l2_normalize(f, axis=1) if proj is not None else f

@@ -51,7 +51,8 @@ def build_encoder(cfg: ModelConfig) -> keras.Model:
     pooled = []
     for level, filters in enumerate(cfg.filters, start=1):
         x = _conv(x, filters, 2, f"down{level}")
-        x = _conv(x, filters, 1, f"conv{level}")
+        if level in cfg.refine_levels:
+            x = _conv(x, filters, 1, f"conv{level}")
         if level in cfg.pooled_levels:
             g = GeMPooling(cfg.gem_p, name=f"gem{level}")(x)
             pooled.append(layers.UnitNormalization(name=f"norm{level}")(g))

@@ -89,7 +89,8 @@ def train_autoencoder(
     bs = cfg.batch_size
     steps = max(1, -(-len(train_idx) // bs))
     started = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    epochs = cfg.epochs_for(len(train_idx))
+    for epoch in range(epochs):
         perm = rng.permutation(train_idx)
         losses = []
         for step in range(steps):
@@ -99,7 +100,7 @@ def train_autoencoder(
             seed = tf.constant([cfg.seed, epoch * 1_000_003 + step], tf.int32)
             losses.append(float(train_step(pixels[idx], seed)))
             if progress:
-                progress(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, steps)
+                progress(f"epoch {epoch + 1}/{epochs}", step + 1, steps)
         vl = val_loss()
         history["loss"].append(float(np.mean(losses)))
         history["val_loss"].append(vl)
