@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..config import Settings, get_settings
@@ -31,6 +32,8 @@ STATUS = [  # first match wins
     (StoreError, 503, "store_unavailable"),
     (LookalikeError, 400, "error"),
 ]
+
+HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}  # framework errors
 
 
 def error_response(status: int, kind: str, detail: str) -> JSONResponse:
@@ -65,19 +68,25 @@ class BodyLimit:
                 if too_big:
                     return await self._refuse(send)
         received = 0
-        started = False
+        started = exceeded = False
 
         async def counting_receive():
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    exceeded = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if exceeded:  # the app turned _TooLarge into its own error (FastAPI: 400); say 413
+                if not started:
+                    started = True
+                    await self._refuse(send)
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -156,6 +165,13 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     @app.exception_handler(_Unauthorized)
     async def unauthorized(request: Request, exc: Exception):
         return error_response(401, "unauthorized", "missing or wrong X-API-Key header")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = HTTP_KINDS.get(exc.status_code, "http_error")
+        response = error_response(exc.status_code, kind, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

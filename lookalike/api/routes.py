@@ -10,9 +10,10 @@ import mimetypes
 import os
 import secrets
 import time
+import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Header, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Header, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from .. import __version__
@@ -38,6 +39,8 @@ ERRORS = {
     422: {"model": ErrorResponse, "description": "Invalid parameter"},
 }
 K = Annotated[int, Query(ge=1, le=100, description="Number of neighbours")]
+# SQLite's INTEGER range: a larger number is no id at all (422), not a server error
+ImageId = Annotated[int, Path(ge=-(2**63), le=2**63 - 1, description="Image id")]
 
 
 def get_engine(request: Request) -> Engine:
@@ -90,7 +93,7 @@ def search(engine: EngineDep, file: Annotated[UploadFile, File(description="An i
 @router.get(
     "/images/{image_id}/similar", response_model=SearchResponse, responses=ERRORS, tags=["search"]
 )
-def similar(engine: EngineDep, image_id: int, k: K = 10):
+def similar(engine: EngineDep, image_id: ImageId, k: K = 10):
     """The k stored images most similar to a stored one (itself excluded)."""
     started = time.perf_counter()
     hits = engine.search_id(image_id, k)
@@ -108,7 +111,7 @@ def _record(engine: Engine, image_id: int):
 
 
 @router.get("/images/{image_id}", responses=ERRORS, response_class=FileResponse, tags=["images"])
-def get_image(engine: EngineDep, image_id: int):
+def get_image(engine: EngineDep, image_id: ImageId):
     """The stored image file, as it is on disk."""
     _, path = _record(engine, image_id)
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -120,7 +123,7 @@ def get_image(engine: EngineDep, image_id: int):
 )
 def get_thumbnail(
     engine: EngineDep,
-    image_id: int,
+    image_id: ImageId,
     size: Annotated[int, Query(ge=16, le=1024, description="Longest side, pixels")] = 256,
 ):
     """A JPEG thumbnail of a stored image, made once and cached in the store."""
@@ -129,7 +132,7 @@ def get_thumbnail(
     if not cache.exists():
         data = thumbnail(read_file(path), size, max_pixels=engine.max_pixels)
         cache.parent.mkdir(exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp = cache.with_name(f"{cache.name}.{uuid.uuid4().hex}.tmp")  # unique per request
         tmp.write_bytes(data)
         os.replace(tmp, cache)
     return FileResponse(
@@ -161,7 +164,7 @@ def add_images(engine: EngineDep, file: Annotated[list[UploadFile], File(descrip
     dependencies=[Depends(require_api_key)],
     tags=["images"],
 )
-def delete_image(engine: EngineDep, image_id: int):
+def delete_image(engine: EngineDep, image_id: ImageId):
     """Remove an image from the index and the table (an uploaded file is deleted too)."""
     engine.remove_image(image_id)
     return DeleteResponse(deleted=image_id)
