@@ -346,9 +346,13 @@ def labels_show(store: StoreOpt, as_json: JsonOpt = False) -> None:
 @app.command()
 def serve(
     store: StoreOpt,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on.", envvar="LOOKALIKE_HOST")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", envvar="LOOKALIKE_PORT")] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes.", envvar="LOOKALIKE_WORKERS")
+    ] = 1,
 ) -> None:
     """Serve the HTTP API and the web page (settings also from LOOKALIKE_* variables)."""
     import os

@@ -39,7 +39,9 @@ def train(name: str, sets: list[str], overrides: dict) -> None:
     from lookalike.config import ModelConfig
     from lookalike.indexer import index_folder
 
-    cfg = ModelConfig().replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    cfg = ModelConfig().replace(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    )
     for s in sets:
         photos = INTEL if s == "intel" else NEARDUP / "images"
         store = OUT / f"{name}-{s}"
@@ -48,8 +50,16 @@ def train(name: str, sets: list[str], overrides: dict) -> None:
             continue
         t = time.perf_counter()
         report = index_folder(photos, store, model=cfg)
-        print(json.dumps({"name": name, "set": s, "train_seconds": round(report.train_seconds, 1),
-                          "seconds": round(time.perf_counter() - t, 1)}))
+        print(
+            json.dumps(
+                {
+                    "name": name,
+                    "set": s,
+                    "train_seconds": round(report.train_seconds, 1),
+                    "seconds": round(time.perf_counter() - t, 1),
+                }
+            )
+        )
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -65,7 +75,11 @@ def retrieval_metrics(vecs: np.ndarray, labels: list[str], k: int = 10) -> dict:
         for j in nn[i]:
             votes[lab[j]] += 1 + 1e-3 * sims[i, j]
         top1.append(max(votes, key=votes.get) == lab[i])
-    return {"p@1": float(rel[:, 0].mean()), "p@10": float(rel.mean()), "knn_top1": float(np.mean(top1))}
+    return {
+        "p@1": float(rel[:, 0].mean()),
+        "p@10": float(rel.mean()),
+        "knn_top1": float(np.mean(top1)),
+    }
 
 
 def neardup_metrics(vecs: np.ndarray, groups: list[str]) -> dict:
@@ -99,9 +113,11 @@ def level_features(store: Path, paths: list[Path], p: float, flip: bool, scales=
     st = Store.open(store)
     cfg = st.model_config()
     enc = keras.models.load_model(st.model_dir / "encoder.keras", compile=False)
-    names = {l.name for l in enc.layers}
-    outs = [enc.get_layer(f"conv{i}_relu" if f"conv{i}_relu" in names else f"down{i}_relu").output
-            for i in range(1, len(cfg.filters) + 1)]
+    names = {layer.name for layer in enc.layers}
+    outs = [
+        enc.get_layer(f"conv{i}_relu" if f"conv{i}_relu" in names else f"down{i}_relu").output
+        for i in range(1, len(cfg.filters) + 1)
+    ]
     sub = keras.Model(enc.input, outs)
     size = cfg.image_size
 
@@ -121,7 +137,12 @@ def level_features(store: Path, paths: list[Path], p: float, flip: bool, scales=
         pooled = None
         for v in views:
             maps = sub(v, training=False)
-            feats = [tf.math.l2_normalize(tf.reduce_mean(tf.maximum(m, 1e-6) ** p, axis=(1, 2)) ** (1 / p), axis=1) for m in maps]
+            feats = [
+                tf.math.l2_normalize(
+                    tf.reduce_mean(tf.maximum(m, 1e-6) ** p, axis=(1, 2)) ** (1 / p), axis=1
+                )
+                for m in maps
+            ]
             pooled = feats if pooled is None else [a + b for a, b in zip(pooled, feats)]
         return pooled
 
@@ -129,7 +150,7 @@ def level_features(store: Path, paths: list[Path], p: float, flip: bool, scales=
     for i in range(0, len(paths), 256):
         px = np.stack([load_image(q, size) for q in paths[i : i + 256]])
         chunks.append([f.numpy() for f in run(px)])
-    return [np.concatenate([c[l] for c in chunks]) for l in range(len(cfg.filters))]
+    return [np.concatenate([c[lv] for c in chunks]) for lv in range(len(cfg.filters))]
 
 
 def whiten(f: np.ndarray, dim: int, shrink: float, power: float = 0.5) -> np.ndarray:
@@ -167,8 +188,17 @@ def embed(name: str, variants: list[str]) -> None:
     intel, intel_labels, nd, nd_groups = load_sets()
     cache: dict = {}
     for spec in variants:
-        opts = dict(levels="2,3,4", p=3.0, dim=128, shrink=0.1, flip=1, qe=0, alpha=3.0, power=0.5,
-                    scales="1.0")
+        opts = dict(
+            levels="2,3,4",
+            p=3.0,
+            dim=128,
+            shrink=0.1,
+            flip=1,
+            qe=0,
+            alpha=3.0,
+            power=0.5,
+            scales="1.0",
+        )
         for kv in spec.split(";") if spec else []:
             k, v = kv.split("=")
             opts[k] = type(opts[k])(v) if not isinstance(opts[k], str) else v
@@ -182,9 +212,12 @@ def embed(name: str, variants: list[str]) -> None:
             key = (set_name, opts["p"], opts["flip"], scales)
             if key not in cache:
                 cache[key] = level_features(store, paths, opts["p"], bool(opts["flip"]), scales)
-            f = np.concatenate([cache[key][l] for l in levels], axis=1)
-            e = whiten(f, opts["dim"], opts["shrink"], opts["power"]) if opts["dim"] > 0 else (
-                f / np.linalg.norm(f, axis=1, keepdims=True))
+            f = np.concatenate([cache[key][lv] for lv in levels], axis=1)
+            e = (
+                whiten(f, opts["dim"], opts["shrink"], opts["power"])
+                if opts["dim"] > 0
+                else (f / np.linalg.norm(f, axis=1, keepdims=True))
+            )
             if opts["qe"]:
                 e = alpha_qe(e, opts["qe"], opts["alpha"])
             m = retrieval_metrics(e, target) if set_name == "intel" else neardup_metrics(e, target)

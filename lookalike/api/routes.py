@@ -122,11 +122,16 @@ def get_image(engine: EngineDep, image_id: ImageId):
     "/images/{image_id}/thumbnail", responses=ERRORS, response_class=Response, tags=["images"]
 )
 def get_thumbnail(
+    request: Request,
     engine: EngineDep,
     image_id: ImageId,
-    size: Annotated[int, Query(ge=16, le=1024, description="Longest side, pixels")] = 256,
+    size: Annotated[
+        int | None,
+        Query(ge=16, le=1024, description="Longest side, pixels (default: the server's setting)"),
+    ] = None,
 ):
     """A JPEG thumbnail of a stored image, made once and cached in the store."""
+    size = size or request.app.state.settings.thumbnail_size
     record, path = _record(engine, image_id)
     cache = engine.store.root / "thumbnails" / f"{image_id}-{record.sha256[:12]}-{size}.jpg"
     if not cache.exists():
