@@ -26,9 +26,11 @@ from .schemas import (
     DeleteResponse,
     ErrorResponse,
     Health,
+    LabelScore,
     Result,
     SearchResponse,
     Stats,
+    SuggestResponse,
 )
 
 router = APIRouter()
@@ -173,6 +175,45 @@ def delete_image(engine: EngineDep, image_id: ImageId):
     """Remove an image from the index and the table (an uploaded file is deleted too)."""
     engine.remove_image(image_id)
     return DeleteResponse(deleted=image_id)
+
+
+@router.post("/suggest", response_model=SuggestResponse, responses=ERRORS, tags=["search"])
+def suggest(
+    engine: EngineDep,
+    file: Annotated[UploadFile, File(description="An image")],
+    k: K = 10,
+    top: Annotated[int, Query(ge=1, le=100, description="Number of labels")] = 3,
+):
+    """Labels for the uploaded image from a similarity-weighted vote of its k look-alikes."""
+    started = time.perf_counter()
+    labels, hits = engine.suggest_bytes(_read_upload(file), k, top)
+    return SuggestResponse(
+        labels=[LabelScore(label=lab, score=round(s, 6)) for lab, s in labels],
+        neighbours=_results(hits),
+        took_ms=(time.perf_counter() - started) * 1e3,
+    )
+
+
+@router.get("/duplicates", responses=ERRORS, tags=["dedupe"])
+def duplicates(
+    engine: EngineDep,
+    threshold: Annotated[
+        float | None,
+        Query(
+            ge=-1.0, le=1.0, description="Cosine threshold (default: the store's calibrated one)"
+        ),
+    ] = None,
+    keep: Annotated[
+        str,
+        Query(
+            pattern="^(largest|smallest|oldest|newest|shortest-path)$", description="Which to keep"
+        ),
+    ] = "largest",
+) -> dict:
+    """Groups of near-duplicates, as `lookalike dedupe --json` prints them."""
+    from ..index.dedupe import duplicates as find_duplicates
+
+    return find_duplicates(engine.store, threshold, keep)
 
 
 @router.get("/health", response_model=Health, tags=["service"])

@@ -45,3 +45,14 @@ class Stats(BaseModel):
 class ErrorResponse(BaseModel):
     error: str = Field(description="Machine-readable kind of error")
     detail: str = Field(description="What was wrong, for a person")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(description="Share of the neighbours' similarity weight carrying it, 0..1")
+
+
+class SuggestResponse(BaseModel):
+    labels: list[LabelScore] = Field(description="Suggested labels, best first")
+    neighbours: list[Result] = Field(description="The look-alikes that voted")
+    took_ms: float
