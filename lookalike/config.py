@@ -27,13 +27,16 @@ class ModelConfig:
     tta_scales: tuple[float, ...] = (1.0, 0.8)  # centre crops (side share) averaged at embedding
     augment: bool = True  # denoising training: input an augmented view, target the clean image
     crop_min: float = 0.6  # smallest random crop side, as a share of the image side
+    rotate_degrees: float = 0.0  # random rotation range (+-) of the training views
+    blur: bool = False  # randomly blur half of the training views
     epochs: int | None = None  # None: as many as train_samples asks for (at most max_epochs)
     train_samples: int = 24_000  # augmented images seen in training: bounds time, any size
     max_epochs: int = 60  # cap for small collections
     batch_size: int = 64  # training batch
-    learning_rate: float = 2e-3  # Adam
+    learning_rate: float = 2e-3  # Adam, initial
+    cosine_decay: bool = True  # anneal the learning rate to ~0 over the planned epochs
     validation_split: float = 0.1  # share of the training sample held out
-    patience: int = 4  # epochs without validation improvement before stopping
+    patience: int = 6  # epochs without validation improvement before stopping
     max_train_images: int = 20000  # training sample cap: memory and time stay bounded
     seed: int = 0  # same seed, same sample, same augmentations, same model
 

@@ -14,7 +14,7 @@ def augment(x: tf.Tensor, seed: tf.Tensor, cfg: ModelConfig) -> tf.Tensor:
     """
     n = tf.shape(x)[0]
     s = cfg.image_size
-    keys = tf.random.experimental.stateless_split(seed, 10)
+    keys = tf.random.experimental.stateless_split(seed, 13)
 
     def uniform(i, low, high):
         return tf.random.stateless_uniform([n], keys[i], low, high)
@@ -28,6 +28,31 @@ def augment(x: tf.Tensor, seed: tf.Tensor, cfg: ModelConfig) -> tf.Tensor:
     x0 = uniform(3, 0.0, 1.0) * (1.0 - w)
     boxes = tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
     x = tf.image.crop_and_resize(x, boxes, tf.range(n), [s, s])
+
+    if cfg.rotate_degrees > 0:  # small rotations about the centre, corners filled by the edge
+        angle = uniform(10, -1.0, 1.0) * (cfg.rotate_degrees * 3.14159265 / 180.0)
+        cos, sin = tf.cos(angle), tf.sin(angle)
+        c = (s - 1) / 2.0
+        zeros = tf.zeros_like(angle)
+        transforms = tf.stack(
+            [cos, -sin, c - c * cos + c * sin, sin, cos, c - c * sin - c * cos, zeros, zeros],
+            axis=1,
+        )
+        x = tf.raw_ops.ImageProjectiveTransformV3(
+            images=x,
+            transforms=transforms,
+            output_shape=[s, s],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="NEAREST",
+        )
+    if cfg.blur:  # blend towards a 3x3 box blur, per image 0..1
+        blurred = tf.nn.avg_pool2d(x, 3, 1, "SAME")
+        t = (
+            uniform(11, 0.0, 1.0)[:, None, None, None]
+            * tf.cast(uniform(12, 0.0, 1.0) < 0.5, tf.float32)[:, None, None, None]
+        )
+        x = x + (blurred - x) * t
 
     flip = uniform(4, 0.0, 1.0) < 0.5
     x = tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)

@@ -57,7 +57,15 @@ def train_autoencoder(
     val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
 
     encoder, decoder, autoencoder = build_autoencoder(cfg)
-    optimizer = keras.optimizers.Adam(cfg.learning_rate)
+    bs = cfg.batch_size
+    steps = max(1, -(-len(train_idx) // bs))
+    epochs = cfg.epochs_for(len(train_idx))
+    learning_rate = cfg.learning_rate
+    if cfg.cosine_decay:  # anneal to 0 over the planned steps: a fixed budget ends converged
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate, decay_steps=epochs * steps, alpha=0.02
+        )
+    optimizer = keras.optimizers.Adam(learning_rate)
     variables = autoencoder.trainable_variables
     spec = tf.TensorSpec([None, cfg.image_size, cfg.image_size, 3], tf.uint8)
 
@@ -86,10 +94,7 @@ def train_autoencoder(
 
     history: dict = {"loss": [], "val_loss": [], "initial_val_loss": val_loss()}
     best, best_weights, waited = np.inf, autoencoder.get_weights(), 0
-    bs = cfg.batch_size
-    steps = max(1, -(-len(train_idx) // bs))
     started = time.perf_counter()
-    epochs = cfg.epochs_for(len(train_idx))
     for epoch in range(epochs):
         perm = rng.permutation(train_idx)
         losses = []
