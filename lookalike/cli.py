@@ -388,6 +388,16 @@ def dedupe(
             "(default: the store's calibrated value).",
         ),
     ] = None,
+    phash_max: Annotated[
+        int,
+        typer.Option(
+            "--phash-max",
+            min=-1,
+            max=16,
+            help="Also group photos whose perceptual hashes differ in at most this many bits "
+            "(-1: cosine only).",
+        ),
+    ] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the groups as JSON.")] = False,
     csv_file: Annotated[
         Path | None, typer.Option("--csv", help="Write one row per member to this CSV file.")
@@ -438,11 +448,12 @@ def dedupe(
 
             err.print("measuring this store's dedupe threshold (once per model)...")
             t = calibrate_store(st).threshold
+        phash = phash_max if phash_max >= 0 else None
         if against is not None:
             from .engine import Engine
             from .incoming import find_known
 
-            known = find_known(Engine(st), against, t)
+            known = find_known(Engine(st), against, t, phash_max=phash)
             if as_json:
                 print(json.dumps(known.to_dict()))
                 return
@@ -456,13 +467,13 @@ def dedupe(
             for f in known.failed:
                 err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
             return
-        groups = find_groups(st, t, keep)
+        groups = find_groups(st, t, keep, phash)
         if csv_file:
             write_csv(groups, csv_file)
         if html_file:
             write_html(st, groups, t, html_file)
         actions = plan_actions(st, groups, move_to, delete) if move_to or delete else []
-        data = groups_to_dict(groups, t)
+        data = groups_to_dict(groups, t, phash)
         report = apply_actions(st, actions) if yes else None
         if as_json:
             if move_to or delete:
@@ -485,7 +496,8 @@ def dedupe(
                     soft_wrap=True,
                 )
         spare = sum(len(g.others) for g in groups)
-        out.print(f"{len(groups)} groups, {spare} photos besides the kept ones (threshold {t:.4f})")
+        rule = f"threshold {t:.4f}" + (f", pHash distance <= {phash}" if phash is not None else "")
+        out.print(f"{len(groups)} groups, {spare} photos besides the kept ones ({rule})")
         if report is not None:
             for o in report.outcomes:
                 where = f" -> {o.to}" if o.to else (f": {o.reason}" if o.reason else "")

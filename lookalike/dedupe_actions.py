@@ -213,6 +213,8 @@ def _act(store: Store, action: Action) -> Outcome:
         return Outcome(action, "skipped", reason="changed since it was indexed")
     if action.dest is None:
         keep = store.file_path(action.keep)
+        if keep.resolve() == src.resolve():  # one is a symbolic link to the other
+            return Outcome(action, "skipped", reason=f"it is the kept file {action.keep} itself")
         if not keep.is_file() or _sha256(keep) != action.keep_sha256:
             return Outcome(
                 action, "skipped", reason=f"the kept file {action.keep} is missing or changed"

@@ -61,7 +61,7 @@ body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222;background:#fafafa}
 h1{font-size:1.3rem}.group{background:#fff;border:1px solid #ddd;border-radius:8px;
 padding:.8rem;margin:0 0 1rem}.group h2{font-size:1rem;margin:0 0 .6rem}
 .row{display:flex;flex-wrap:wrap;gap:.8rem}.card{width:170px;border:2px solid #ddd;
-border-radius:6px;padding:4px;font-size:12px;word-break:break-all}
+border-radius:6px;padding:4px;font-size:12px}.path{word-break:break-all}
 .card.keep{border-color:#2a7}.card img{display:block;max-width:160px;max-height:160px;
 margin:0 auto 4px}.badge{background:#2a7;color:#fff;border-radius:3px;padding:0 4px}
 .missing{height:100px;display:flex;align-items:center;justify-content:center;background:#eee}
@@ -82,7 +82,8 @@ def render_html(store: Store, groups: list[Group], threshold: float) -> str:
         f"&middot; {_size(saved)}</p>",
     ]
     for number, g in enumerate(groups, 1):
-        parts.append(f"<div class='group'><h2>Group {number} &middot; {len(g.members)}</h2>")
+        title = f"Group {number} &middot; {len(g.members)} photos"
+        parts.append(f"<div class='group'><h2>{title}</h2>")
         parts.append("<div class='row'>")
         for m in g.members:
             kept = m.id == g.keep.id
@@ -90,9 +91,10 @@ def render_html(store: Store, groups: list[Group], threshold: float) -> str:
             img = f"<img src='{uri}' alt=''>" if uri else "<div class='missing'>no preview</div>"
             badge = "<span class='badge'>keep</span> " if kept else ""
             parts.append(
-                f"<div class='card{' keep' if kept else ''}'>{img}{badge}"
-                f"{html.escape(m.path)}<br>{m.width}&times;{m.height} &middot; "
-                f"{_size(m.bytes)} &middot; score {m.score:.4f}</div>"
+                f"<div class='card{' keep' if kept else ''}'>{img}"
+                f"<div class='path'>{badge}{html.escape(m.path)}</div>"
+                f"<div>{m.width}&times;{m.height} &middot; {_size(m.bytes)}</div>"
+                f"<div>score {m.score:.4f}</div></div>"
             )
         parts.append("</div></div>")
     parts.append("</body></html>")

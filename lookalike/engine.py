@@ -6,7 +6,6 @@ import hashlib
 import io
 import os
 import re
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InvalidArgumentError, NotFoundError
-from .images import DEFAULT_MAX_PIXELS, decode
+from .images import DEFAULT_MAX_PIXELS, decode, phash64
 from .index.meta import ImageRecord
 from .labels import vote
 from .store import UPLOAD_PREFIX, Store
@@ -60,7 +59,6 @@ class Engine:
         self.max_pixels = max_pixels
         _ = store.index  # load (or rebuild) the index now, not on the first query
         self.embed(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace once
-        self._embed_lock = threading.Lock()
 
     @classmethod
     def open(cls, store_path: Path | str, **kwargs) -> Engine:
@@ -143,7 +141,7 @@ class Engine:
         uploads.mkdir(exist_ok=True)
         records, written = [], []
         try:
-            for name, data, _, width, height in decoded:
+            for name, data, pixels, width, height in decoded:
                 target = uploads / _upload_name(name, data)
                 tmp = target.with_name(target.name + ".part")
                 tmp.write_bytes(data)
@@ -151,8 +149,11 @@ class Engine:
                 written.append(target)
                 rel = UPLOAD_PREFIX + target.name
                 digest = hashlib.sha256(data).hexdigest()
+                mtime = target.stat().st_mtime
                 records.append(
-                    ImageRecord(0, rel, len(data), target.stat().st_mtime, digest, width, height)
+                    ImageRecord(
+                        0, rel, len(data), mtime, digest, width, height, phash=phash64(pixels)
+                    )
                 )
             with self.store.writing():
                 index = self.store.index

@@ -176,6 +176,20 @@ def thumbnail(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -
     return buf.getvalue()
 
 
+def phash64(pixels: np.ndarray) -> int:
+    """The 64-bit perceptual hash (imagehash.phash) of decoded pixels, as a signed int64.
+
+    pixels: (size, size, 3) uint8 RGB from ``decode``, so no second decode is needed; the hash
+    shrinks the image to 32 x 32 grey anyway. Bit 63 is the hash's first (top-left) DCT bit;
+    the value is stored two's-complement so that SQLite's INTEGER holds it.
+    """
+    import imagehash  # imports scipy on first use: not at import time
+
+    bits = imagehash.phash(Image.fromarray(np.asarray(pixels, dtype=np.uint8))).hash.ravel()
+    value = int.from_bytes(np.packbits(bits).tobytes(), "big")
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def load_image(
     source: Path | str | bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .config import IndexOptions, ModelConfig
 from .errors import InvalidArgumentError
-from .images import DecodedImage, FailedImage, find_images, iter_batches
+from .images import DecodedImage, FailedImage, find_images, iter_batches, phash64
 from .index.knn import resolve_index_type
 from .index.meta import ImageRecord
 from .labels import FOLDERS, apply_labels, read_labels_csv
@@ -115,6 +115,7 @@ def _run(store, photos, model, options, progress, report) -> None:
     files = [p for p in find_images(photos) if not p.resolve().is_relative_to(store.root)]
     uploads = list(find_images(store.uploads_dir)) if store.uploads_dir.is_dir() else []
     states = store.db.file_states()
+    no_phash = store.db.without_phash()  # rows of an older version: decoded again once
     seen: set[str] = set()
     failed: dict[Path, FailedImage] = {}
 
@@ -137,7 +138,7 @@ def _run(store, photos, model, options, progress, report) -> None:
         else:
             st = path.stat()
             if st.st_size == state[1] and st.st_mtime == state[2]:
-                if state[4] == serial:
+                if state[4] == serial and rel not in no_phash:
                     report.unchanged += 1
                     continue
                 kind[rel] = "stale"
@@ -179,7 +180,7 @@ def _run(store, photos, model, options, progress, report) -> None:
             rel = _relative(im.path, photos, store)
             state, k = states.get(rel), kind[rel]
             if k == "maybe" and state[3] == im.sha256:
-                k = "unchanged" if state[4] == serial else "stale"
+                k = "unchanged" if state[4] == serial and rel not in no_phash else "stale"
                 touches.append((state[0], os.stat(im.path).st_mtime, im.nbytes))
                 if k == "unchanged":
                     report.unchanged += 1
@@ -228,7 +229,9 @@ def _run(store, photos, model, options, progress, report) -> None:
 
 def _record(im: DecodedImage, rel: str) -> ImageRecord:
     st = os.stat(im.path)
-    return ImageRecord(0, rel, im.nbytes, st.st_mtime, im.sha256, im.width, im.height)
+    return ImageRecord(
+        0, rel, im.nbytes, st.st_mtime, im.sha256, im.width, im.height, phash=phash64(im.pixels)
+    )
 
 
 def _train(store: Store, files, cfg: ModelConfig, options, progress, failed) -> float:

@@ -6,9 +6,11 @@ Quality (needs a store indexed from a labelled folder; groups.csv has file,group
     python scripts/bench_dedupe.py quality --store /tmp/nd_store \
         --labels /work/shared/datasets/intel_neardup/groups.csv
 
-prints pair precision / recall / F1 of ``find_groups`` at the store's default threshold and
-over a sweep, and of pHash (imagehash.phash, Hamming distance <= 10, joined by the same
-union-find) in the same run; ``--seeds N`` also re-runs the threshold calibration with N seeds.
+prints pair precision / recall / F1 in one run of: ``find_groups`` at the store's default
+threshold fused with pHash evidence (cosine >= t or pHash distance <= PHASH_MAX, the default of
+``lookalike dedupe``), the same cosine-only, the store's own pHashes alone, and pHash computed
+from the files (imagehash.phash, Hamming distance <= 10, joined by the same union-find); then
+both over a threshold sweep. ``--seeds N`` also re-runs the threshold calibration with N seeds.
 
 Scale (synthetic unit vectors with planted near-duplicate clusters, no TensorFlow):
 
@@ -36,7 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.index.dedupe import UnionFind, default_threshold, find_groups
+from lookalike.index.dedupe import (
+    PHASH_MAX,
+    UnionFind,
+    default_threshold,
+    find_groups,
+    hash_links,
+)
 from lookalike.index.meta import ImageRecord
 from lookalike.store import Store
 
@@ -78,8 +86,19 @@ def phash_groups(files: list[Path], max_distance: int = 10) -> list[list[str]]:
     return [[files[i].name for i in comp] for comp in uf.components()]
 
 
-def model_groups(store: Store, threshold: float) -> list[list[str]]:
-    return [[Path(m.path).name for m in g.members] for g in find_groups(store, threshold)]
+def model_groups(store: Store, threshold: float, phash_max: int | None) -> list[list[str]]:
+    groups = find_groups(store, threshold, phash_max=phash_max)
+    return [[Path(m.path).name for m in g.members] for g in groups]
+
+
+def stored_phash_groups(store: Store, max_distance: int = PHASH_MAX) -> list[list[str]]:
+    """Components of the store's own pHashes (from the decoded pixels) alone."""
+    ids, hashes = store.db.phashes()
+    names = {rec.id: Path(rec.path).name for rec in store.db.records()}
+    uf = UnionFind(len(ids))
+    for a, b in zip(*(x.tolist() for x in hash_links(hashes, max_distance))):
+        uf.union(a, b)
+    return [[names[int(ids[i])] for i in comp] for comp in uf.components()]
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -100,34 +119,43 @@ def quality(args: argparse.Namespace) -> None:
 
     def line(label: str, result: dict[str, float], extra: str = "") -> None:
         print(
-            f"{label:<34} P={result['precision']:.3f} R={result['recall']:.3f} "
+            f"{label:<44} P={result['precision']:.3f} R={result['recall']:.3f} "
             f"F1={result['f1']:.3f} pairs={result['pairs']}{extra}"
         )
 
-    started = time.perf_counter()
-    ours = prf(pairs_of(model_groups(store, t)), truth)
-    seconds = time.perf_counter() - started
-    photos = store.photos_root
-    files = sorted(photos / r["file"] for r in rows)
-    started = time.perf_counter()
-    ph = prf(pairs_of(phash_groups(files)), truth)
-    ph_seconds = time.perf_counter() - started
-    line(f"lookalike @ default {t:.4f}", ours, f"  ({seconds:.2f} s)")
-    line("pHash, Hamming <= 10", ph, f"  ({ph_seconds:.2f} s)")
-    ok = ours["precision"] >= 0.95 and ours["recall"] > ph["recall"]
-    print(f"done-when (P >= 0.95 and R > pHash R): {'MET' if ok else 'NOT MET'}")
+    def timed(fn, *a) -> tuple[dict[str, float], str]:
+        started = time.perf_counter()
+        result = prf(pairs_of(fn(*a)), truth)
+        return result, f"  ({time.perf_counter() - started:.2f} s)"
 
-    print("\nsweep (labels used here only):")
-    best = None
+    fused, fused_s = timed(model_groups, store, t, PHASH_MAX)
+    cosine, cosine_s = timed(model_groups, store, t, None)
+    stored, stored_s = timed(stored_phash_groups, store)
+    files = sorted(store.photos_root / r["file"] for r in rows)
+    ph, ph_seconds = timed(phash_groups, files)
+    line(f"lookalike @ default {t:.4f} + pHash <= {PHASH_MAX}", fused, fused_s)
+    line(f"lookalike @ default {t:.4f}, cosine only", cosine, cosine_s)
+    line(f"stored pHash alone, Hamming <= {PHASH_MAX}", stored, stored_s)
+    line("pHash of the files, Hamming <= 10", ph, ph_seconds)
+    for label, ours in (("fused", fused), ("cosine only", cosine)):
+        ok = ours["precision"] >= 0.95 and ours["recall"] > ph["recall"]
+        print(f"done-when, {label} (P >= 0.95 and R > pHash R): {'MET' if ok else 'NOT MET'}")
+
+    print("\nsweep (labels used here only):           cosine only  |  + pHash")
+    best: dict[str, tuple[float, dict[str, float]]] = {}
     for s in np.round(np.arange(args.sweep_from, 0.9901, 0.0125), 4):
-        r = prf(pairs_of(model_groups(store, float(s))), truth)
-        line(f"  lookalike @ {s:.4f}", r)
-        if r["precision"] >= 0.95 and (best is None or r["recall"] > best[1]["recall"]):
-            best = (float(s), r)
-    if best:
+        row = []
+        for label, phash_max in (("cosine only", None), ("fused", PHASH_MAX)):
+            r = prf(pairs_of(model_groups(store, float(s), phash_max)), truth)
+            row.append(f"P={r['precision']:.3f} R={r['recall']:.3f}")
+            if r["precision"] >= 0.95 and (
+                label not in best or r["recall"] > best[label][1]["recall"]
+            ):
+                best[label] = (float(s), r)
+        print(f"  lookalike @ {s:.4f}   {row[0]}  |  {row[1]}")
+    for label, (s, r) in best.items():
         print(
-            f"best threshold with P >= 0.95 on these labels: {best[0]:.4f} "
-            f"(R={best[1]['recall']:.3f})"
+            f"best threshold with P >= 0.95 on these labels, {label}: {s:.4f} (R={r['recall']:.3f})"
         )
 
     if args.seeds:
@@ -137,10 +165,11 @@ def quality(args: argparse.Namespace) -> None:
         print(f"\ncalibration with {args.seeds} seeds:")
         for seed in range(args.seeds):
             cal = calibrate(store, embedder, seed=seed)
-            line(
-                f"  seed {seed}: threshold {cal.threshold:.4f}",
-                prf(pairs_of(model_groups(store, cal.threshold)), truth),
-            )
+            for label, phash_max in (("cosine only", None), ("fused", PHASH_MAX)):
+                line(
+                    f"  seed {seed}: threshold {cal.threshold:.4f}, {label}",
+                    prf(pairs_of(model_groups(store, cal.threshold, phash_max)), truth),
+                )
 
 
 # -- scale -------------------------------------------------------------------------------------
@@ -164,11 +193,16 @@ def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, int]:
 
 def build_store(root: Path, n: int, dim: int) -> int:
     vecs, planted = synthetic(n, dim)
+    # random 64-bit pHashes, so the grouping timed includes the banded pHash search
+    hashes = np.random.default_rng(1).integers(-(2**63), 2**63 - 1, n, dtype=np.int64).tolist()
     store = Store.open(root, create=True, photos=root)
     store.info["embedding_dim"] = dim
     records = (
-        (ImageRecord(0, f"img/{i:07d}.jpg", 1000 + i, 0.0, f"{i:064x}", 64, 48), vecs[i])
-        for i in range(n)
+        (
+            ImageRecord(0, f"img/{i:07d}.jpg", 1000 + i, 0.0, f"{i:064x}", 64, 48, phash=h),
+            vecs[i],
+        )
+        for i, h in enumerate(hashes)
     )
     store.db.write(records)
     store.rebuild_index("flat")
@@ -180,15 +214,18 @@ def group_once(root: str, threshold: float) -> None:
     """Child process: open the store, group, print JSON facts."""
     store = Store.open(root)
     _ = store.index
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    base, cpu0 = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     started = time.perf_counter()
     groups = find_groups(store, threshold)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime - cpu0
     print(
         json.dumps(
             {
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "groups": len(groups),
                 "rss_before_mb": base / 1024,
                 "rss_peak_mb": peak / 1024,
@@ -204,8 +241,8 @@ def scale(args: argparse.Namespace) -> None:
         f"{os.cpu_count()} CPUs"
     )
     print(
-        f"{'n':>8} {'planted':>8} {'groups':>8} {'seconds':>8} {'RSS before':>11} "
-        f"{'RSS peak':>9} {'n x n f32':>10}"
+        f"{'n':>8} {'planted':>8} {'groups':>8} {'seconds':>8} {'CPU s':>7} {'RSS before':>11} "
+        f"{'RSS peak':>9} {'n x n f32':>10}  load"
     )
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="bench-dedupe-") as tmp:
@@ -221,11 +258,13 @@ def scale(args: argparse.Namespace) -> None:
                 ).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
             secs = statistics.median(r["seconds"] for r in runs)
+            cpu = statistics.median(r["cpu_seconds"] for r in runs)
             before = statistics.median(r["rss_before_mb"] for r in runs)
             peak = statistics.median(r["rss_peak_mb"] for r in runs)
             print(
-                f"{n:>8} {planted:>8} {runs[0]['groups']:>8} {secs:>8.2f} "
-                f"{before:>9.0f}MB {peak:>7.0f}MB {n * n * 4 / 2**30:>8.1f}GB",
+                f"{n:>8} {planted:>8} {runs[0]['groups']:>8} {secs:>8.2f} {cpu:>7.2f} "
+                f"{before:>9.0f}MB {peak:>7.0f}MB {n * n * 4 / 2**30:>8.1f}GB  "
+                f"{os.getloadavg()[0]:.1f}",
                 flush=True,
             )
 

@@ -662,3 +662,18 @@ def test_stack(tmp_path):
     assert batch.shape == (3, 8, 8, 3) and batch.dtype == np.uint8
     np.testing.assert_array_equal(batch[1], images[1].pixels)
     assert stack([]).shape[0] == 0
+
+
+def test_phash64_is_imagehash_phash_of_the_pixels_as_signed_int64():
+    import imagehash
+
+    from lookalike.images import phash64
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        value = phash64(pixels)
+        assert -(2**63) <= value < 2**63
+        bits = imagehash.phash(Image.fromarray(pixels)).hash.ravel()
+        assert [(value >> (63 - i)) & 1 for i in range(64)] == bits.astype(int).tolist()
+        assert phash64(pixels) == value

@@ -377,3 +377,19 @@ def test_deleted_index_file_then_an_index_run(store_copy):
         ids = np.array(sorted(r.id for r in st.db.records()))
         vecs = st.index.reconstruct(ids)
         np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+def test_rows_without_a_phash_get_one_at_the_next_run(store_copy):
+    photos, store = store_copy
+    with Store.open(store) as st:
+        hashes = {r.path: r.phash for r in st.db.records()}
+        assert None not in hashes.values()
+        st.db.conn.execute("UPDATE images SET phash = NULL")  # as an older version left them
+    ids = _ids(store)
+    report = index_folder(photos, store)
+    assert report.reembedded == report.unchanged == N and report.added == report.updated == 0
+    with Store.open(store) as st:
+        assert {r.path: r.phash for r in st.db.records()} == hashes
+        assert st.db.without_phash() == set()
+    assert _ids(store) == ids
+    assert index_folder(photos, store).reembedded == 0

@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS images (
     height    INTEGER NOT NULL,
     embedding BLOB NOT NULL,                      -- float32 little-endian, unit norm
     labels    TEXT,                               -- '|'-separated, or NULL
-    model     INTEGER NOT NULL DEFAULT 0          -- serial of the model that embedded it
+    model     INTEGER NOT NULL DEFAULT 0,         -- serial of the model that embedded it
+    phash     INTEGER                             -- 64-bit pHash as signed int64, or NULL
 );
 CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,14 +40,26 @@ class ImageRecord:
     width: int
     height: int
     labels: tuple[str, ...] = ()
+    phash: int | None = None  # lookalike.images.phash64 of the decoded pixels; None: not known
 
 
-_COLUMNS = "id, path, size, mtime, sha256, width, height, labels"
+_COLUMNS = "id, path, size, mtime, sha256, width, height, labels, phash"
 
 
 def _record(row) -> ImageRecord:
     labels = tuple(row[7].split("|")) if row[7] else ()
-    return ImageRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], labels)
+    return ImageRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], labels, row[8])
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a table made by an older version lacks (rows get NULL)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(images)")}
+    if "phash" not in columns:
+        try:
+            conn.execute("ALTER TABLE images ADD COLUMN phash INTEGER")
+        except sqlite3.OperationalError as exc:  # another process added it meanwhile
+            if "duplicate column" not in str(exc):
+                raise
 
 
 class MetaDB:
@@ -62,6 +75,7 @@ class MetaDB:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(SCHEMA)
+        _migrate(self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -102,7 +116,7 @@ class MetaDB:
                 if row:
                     cur.execute(
                         "UPDATE images SET size=?, mtime=?, sha256=?, width=?, height=?,"
-                        " embedding=?, labels=COALESCE(?, labels), model=? WHERE id=?",
+                        " embedding=?, labels=COALESCE(?, labels), model=?, phash=? WHERE id=?",
                         (
                             rec.size,
                             rec.mtime,
@@ -112,6 +126,7 @@ class MetaDB:
                             blob,
                             labels,
                             model,
+                            rec.phash,
                             row[0],
                         ),
                     )
@@ -119,7 +134,7 @@ class MetaDB:
                 else:
                     cur.execute(
                         "INSERT INTO images (path, size, mtime, sha256, width, height, embedding,"
-                        " labels, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " labels, model, phash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             rec.path,
                             rec.size,
@@ -130,6 +145,7 @@ class MetaDB:
                             blob,
                             labels,
                             model,
+                            rec.phash,
                         ),
                     )
                     ids.append(cur.lastrowid)
@@ -200,6 +216,18 @@ class MetaDB:
         """path -> (id, size, mtime, sha256, model) for every row: what incremental runs compare."""
         rows = self.conn.execute("SELECT path, id, size, mtime, sha256, model FROM images")
         return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in rows}
+
+    def without_phash(self) -> set[str]:
+        """Paths of the rows with no pHash (written by an older version)."""
+        return {r[0] for r in self.conn.execute("SELECT path FROM images WHERE phash IS NULL")}
+
+    def phashes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, hashes) of every row with a pHash, in id order: (m,) int64 and (m,) uint64."""
+        rows = self.conn.execute(
+            "SELECT id, phash FROM images WHERE phash IS NOT NULL ORDER BY id"
+        ).fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        return ids, np.array([r[1] for r in rows], dtype=np.int64).view(np.uint64)
 
     def records(self) -> Iterator[ImageRecord]:
         """Every row in id order (streamed)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -177,3 +178,51 @@ def test_meta_key_values(db):
 
 def test_wal_mode(db):
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+
+
+# -- pHash column ----------------------------------------------------------------------------
+def test_phash_round_trips_over_the_whole_int64_range(db):
+    values = [0, -1, -(2**63), 2**63 - 1, 0x0123_4567_89AB_CDEF]
+    ids = db.write(
+        [(replace(rec(f"{i}.jpg"), phash=v), vec(i)) for i, v in enumerate(values)]
+        + [(rec("none.jpg"), vec(9))]
+    )
+    assert [db.get(i).phash for i in ids] == values + [None]
+    assert db.without_phash() == {"none.jpg"}
+    hash_ids, hashes = db.phashes()
+    assert hash_ids.tolist() == ids[:-1] and hashes.dtype == np.uint64
+    assert hashes.view(np.int64).tolist() == values
+    (again,) = db.write([(replace(rec("0.jpg"), phash=42), vec(1))])  # a changed file: new hash
+    assert again == ids[0] and db.get(again).phash == 42
+
+
+def test_migration_adds_the_phash_column_to_an_old_table(tmp_path):
+    path = tmp_path / "images.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(  # the table as versions before the pHash column made it
+        """
+        CREATE TABLE images (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL, mtime REAL NOT NULL, sha256 TEXT NOT NULL,
+            width INTEGER NOT NULL, height INTEGER NOT NULL, embedding BLOB NOT NULL,
+            labels TEXT, model INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """
+    )
+    old.execute(
+        "INSERT INTO images (path, size, mtime, sha256, width, height, embedding)"
+        " VALUES ('old.jpg', 1, 1.0, 's', 2, 2, ?)",
+        (vec(1).astype("<f4").tobytes(),),
+    )
+    old.commit()
+    old.close()
+    d = MetaDB(path)
+    assert d.by_path("old.jpg").phash is None
+    assert d.without_phash() == {"old.jpg"}
+    d.write([(replace(rec("new.jpg"), phash=-5), vec(2))])
+    assert d.by_path("new.jpg").phash == -5
+    d.close()
+    d = MetaDB(path)  # opening again does not add it twice
+    columns = [r[1] for r in d.conn.execute("PRAGMA table_info(images)")]
+    assert columns.count("phash") == 1
+    d.close()

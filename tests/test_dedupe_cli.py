@@ -1,0 +1,412 @@
+"""`lookalike dedupe` end to end: planted near-duplicates, dry runs, moves, deletes, crashes."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import copy_store, photo_name, write_photo
+from PIL import Image, ImageEnhance
+from typer.testing import CliRunner
+
+from lookalike import dedupe_actions
+from lookalike.cli import app
+from lookalike.dedupe_actions import apply_actions, pending, plan_actions
+from lookalike.index.dedupe import find_groups
+from lookalike.store import Store
+
+runner = CliRunner()
+
+
+def plant_duplicates(photos: Path) -> dict[str, str]:
+    """Edited copies of five photos under dups/; returns {copy: original} (table paths).
+
+    The crop is mild because the 3-epoch, 32-pixel test model is not crop-robust; the real
+    model's crop recall is measured by scripts/bench_dedupe.py.
+    """
+    dups = photos / "dups"
+    dups.mkdir()
+    src = {k: Image.open(photos / photo_name(k)).convert("RGB") for k in (0, 1, 3, 7)}
+    w, h = src[0].size
+    src[0].resize((w // 2, h // 2), Image.Resampling.BILINEAR).save(dups / "half.png")
+    src[1].save(dups / "q30.jpg", quality=30)
+    ImageEnhance.Brightness(src[3]).enhance(1.2).save(dups / "bright.png")
+    dx, dy = round(w * 0.05), round(h * 0.05)
+    src[7].crop((dx, dy, w - dx, h - dy)).save(dups / "crop.png")
+    shutil.copy2(photos / photo_name(4), dups / "copy.jpg")
+    return {
+        "dups/half.png": photo_name(0),
+        "dups/q30.jpg": photo_name(1),
+        "dups/bright.png": photo_name(3),
+        "dups/crop.png": photo_name(7),
+        "dups/copy.jpg": photo_name(4),
+    }
+
+
+@pytest.fixture(scope="module")
+def dup_collection(tmp_path_factory, photos_dir, tiny_store):
+    """photos_dir plus planted near-duplicates, indexed with tiny_store's model. Read-only."""
+    from lookalike.indexer import index_folder
+
+    photos, store = copy_store(photos_dir, tiny_store, tmp_path_factory.mktemp("dedupe"))
+    planted = plant_duplicates(photos)
+    report = index_folder(photos, store)
+    assert report.added == len(planted) and not report.trained and not report.failed
+    return photos, store, planted
+
+
+@pytest.fixture
+def collection(tmp_path, dup_collection):
+    """A private copy of dup_collection, free to change: (photos, store, planted)."""
+    src_photos, src_store, planted = dup_collection
+    photos, store = copy_store(src_photos, src_store, tmp_path)
+    with Store.open(store, photos=photos) as st:  # point the copy at its own photos
+        st.save_info()
+    return photos, store, planted
+
+
+def tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def tree_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def store_state(store: Path):
+    with Store.open(store) as st:
+        return st.db.file_states(), len(st.index), (store / "info.json").read_text()
+
+
+def dedupe(*args: str, ok: bool = True):
+    result = runner.invoke(app, ["dedupe", *map(str, args)])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def as_pairs(groups) -> set[frozenset[str]]:
+    return {frozenset(m.path for m in g.members) for g in groups}
+
+
+# -- grouping with the real (tiny) model -------------------------------------------------------
+def test_planted_duplicates_are_grouped_and_distinct_photos_are_not(dup_collection):
+    _, store, planted = dup_collection
+    with Store.open(store) as st:
+        groups = find_groups(st)
+    assert as_pairs(groups) == {frozenset(p) for p in planted.items()}
+
+
+def test_json_is_deterministic_and_has_the_issue_shape(dup_collection):
+    _, store, planted = dup_collection
+    first = json.loads(dedupe("--store", store, "--json").stdout)
+    second = json.loads(dedupe("--store", store, "--json").stdout)
+    assert first == second
+    # the issue's keys, plus the pHash evidence fused into the grouping
+    assert set(first) == {"threshold", "phash_max", "groups"} and first["phash_max"] == 10
+    assert len(first["groups"]) == len(planted)
+    for g in first["groups"]:
+        assert set(g) == {"keep", "members"}
+        assert g["members"][0]["path"] == g["keep"] and g["members"][0]["score"] == 1.0
+        for m in g["members"]:
+            assert set(m) == {"path", "score", "bytes", "width", "height", "phash_distance"}
+            assert 0 <= m["phash_distance"] <= 64
+            assert not Path(m["path"]).is_absolute()
+        assert g["members"][0]["phash_distance"] == 0
+    by_keep = {g["keep"]: g for g in first["groups"]}
+    assert by_keep[photo_name(0)]["members"][1]["width"] == 32  # the half-size copy
+    assert by_keep[photo_name(0)]["members"][1]["score"] > first["threshold"]
+
+
+def test_csv_and_html_reports(dup_collection, tmp_path):
+    _, store, planted = dup_collection
+    dedupe("--store", store, "--csv", tmp_path / "d.csv", "--html", tmp_path / "d.html")
+    rows = list(csv.DictReader(open(tmp_path / "d.csv")))
+    assert len(rows) == 2 * len(planted)
+    assert {r["group"] for r in rows} == {str(i) for i in range(1, len(planted) + 1)}
+    assert sum(int(r["keep"]) for r in rows) == len(planted)
+    page = (tmp_path / "d.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 2 * len(planted)
+    assert page.count("class='badge'>keep<") == len(planted)
+    assert "http" not in page  # self-contained
+
+
+# -- dry runs ----------------------------------------------------------------------------------
+def test_dry_runs_change_nothing(collection, tmp_path):
+    photos, store, planted = collection
+    before = tree(photos), store_state(store)
+    out = tmp_path / "moved"
+    moved = dedupe("--store", store, "--move-to", out, "--keep", "oldest").stdout
+    deleted = dedupe("--store", store, "--delete", "--keep", "oldest").stdout
+    assert (tree(photos), store_state(store)) == before
+    assert not out.exists()
+    assert moved.count("would move ") == len(planted)
+    assert deleted.count("would delete ") == len(planted)
+    assert "nothing changed" in moved and "nothing changed" in deleted
+    for copy in planted:  # the copies are newer than their originals
+        assert f"would move {copy} -> {out / copy}" in moved
+
+
+# -- acting ------------------------------------------------------------------------------------
+def test_move_yes_moves_exactly_the_others_and_updates_the_store(collection, tmp_path):
+    photos, store, planted = collection
+    out = tmp_path / "moved"
+    before = tree(photos)
+    plan = json.loads(
+        dedupe("--store", store, "--move-to", out, "--keep", "oldest", "--json").stdout
+    )
+    others = sorted(a["path"] for a in plan["actions"])
+    assert others == sorted(planted)
+    result = json.loads(
+        dedupe("--store", store, "--move-to", out, "--keep", "oldest", "--yes", "--json").stdout
+    )
+    assert result["applied"]["removed"] == len(others)
+    after = tree(photos)
+    assert sorted(set(before) - set(after)) == others
+    assert tree(out) == {p: before[p] for p in others}  # same bytes, same relative paths
+    states, count, _ = store_state(store)
+    assert count == len(states) == len(before) - len(others)
+    assert not set(others) & set(states)
+    assert json.loads(dedupe("--store", store, "--json").stdout)["groups"] == []
+    assert not (store / dedupe_actions.JOURNAL).exists()
+
+
+def test_delete_yes_deletes_the_others_only(collection):
+    photos, store, planted = collection
+    before = tree(photos)
+    dedupe("--store", store, "--delete", "--keep", "oldest", "--yes")
+    after = tree(photos)
+    assert sorted(set(before) - set(after)) == sorted(planted)
+    assert all(after[o] == before[o] for o in planted.values())
+    states, count, _ = store_state(store)
+    assert count == len(states) == len(after)
+
+
+def test_delete_is_skipped_when_the_kept_file_changed(collection):
+    photos, store, planted = collection
+    kept = photos / planted["dups/q30.jpg"]
+    kept.write_bytes(kept.read_bytes() + b"\0")  # edited after indexing
+    result = dedupe("--store", store, "--delete", "--keep", "oldest", "--yes")
+    assert (photos / "dups/q30.jpg").exists()
+    assert "kept file" in result.output
+    assert not (photos / "dups/half.png").exists()
+
+
+def test_delete_never_removes_the_target_of_a_kept_link(collection):
+    photos, store, _ = collection
+    link = photos / "dups/copy.jpg"  # the exact copy becomes a link to its original
+    link.unlink()
+    link.symlink_to(Path("..") / photo_name(4))
+    result = dedupe("--store", store, "--delete", "--keep", "shortest-path", "--yes")
+    assert "dups/copy.jpg itself" in result.output  # the link is kept: its target stays
+    assert (photos / photo_name(4)).is_file() and link.is_file()
+
+
+def test_a_taken_destination_is_never_overwritten(collection, tmp_path):
+    photos, store, planted = collection
+    out = tmp_path / "moved"
+    (out / "dups").mkdir(parents=True)
+    (out / "dups/q30.jpg").write_bytes(b"someone else's file")
+    data = (photos / "dups/q30.jpg").read_bytes()
+    dedupe("--store", store, "--move-to", out, "--keep", "oldest", "--yes")
+    assert (out / "dups/q30.jpg").read_bytes() == b"someone else's file"
+    assert (out / "dups/q30-1.jpg").read_bytes() == data
+    assert not (photos / "dups/q30.jpg").exists()
+
+
+def test_an_interrupted_move_resumes(collection, tmp_path, monkeypatch):
+    photos, store, planted = collection
+    out = tmp_path / "moved"
+    before = tree(photos)
+    real_move, calls = dedupe_actions._move, []
+
+    def dying_move(src, base, sha):
+        calls.append(src)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed between two files
+        return real_move(src, base, sha)
+
+    monkeypatch.setattr(dedupe_actions, "_move", dying_move)
+    with Store.open(store) as st, pytest.raises(KeyboardInterrupt):
+        apply_actions(st, plan_actions(st, find_groups(st, keep="oldest"), move_to=out))
+    monkeypatch.undo()
+    for rel, digest in before.items():  # every file at its old or its new place
+        places = [p for p in (photos / rel, out / rel) if p.exists()]
+        assert len(places) >= 1 and all(tree_digest(p) == digest for p in places)
+    with Store.open(store) as st:  # the store opens, and knows the run is unfinished
+        assert len(pending(st)) == len(planted)
+    dedupe("--store", store, "--move-to", out, "--keep", "oldest", "--yes")
+    assert sorted(set(before) - set(tree(photos))) == sorted(planted)
+    assert tree(out) == {p: before[p] for p in planted}
+    states, count, _ = store_state(store)
+    assert count == len(states) == len(before) - len(planted)
+    assert not (store / dedupe_actions.JOURNAL).exists()
+
+
+def test_a_move_killed_after_linking_is_finished_without_a_second_copy(
+    collection, tmp_path, monkeypatch
+):
+    photos, store, planted = collection
+    out = tmp_path / "moved"
+    real_unlink = Path.unlink
+
+    def dying_unlink(self, *args, **kwargs):
+        if self.parent.name == "dups" and photos in self.parents:
+            raise KeyboardInterrupt  # linked at the destination, not yet unlinked here
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with Store.open(store) as st, pytest.raises(KeyboardInterrupt):
+        apply_actions(st, plan_actions(st, find_groups(st, keep="oldest"), move_to=out))
+    monkeypatch.undo()
+    assert len(list((out / "dups").iterdir())) == 1  # the first file, at both places
+    dedupe("--store", store, "--move-to", out, "--keep", "oldest", "--yes")
+    assert sorted(p.name for p in (out / "dups").iterdir()) == sorted(Path(p).name for p in planted)
+    assert not (photos / "dups").exists() or not list((photos / "dups").iterdir())
+
+
+def test_moves_across_filesystems_copy_and_verify(collection, tmp_path, monkeypatch):
+    photos, store, planted = collection
+    out = tmp_path / "moved"
+    mtime = (photos / "dups/q30.jpg").stat().st_mtime
+    data = (photos / "dups/q30.jpg").read_bytes()
+
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(dedupe_actions.os, "link", no_link)
+    dedupe("--store", store, "--move-to", out, "--keep", "oldest", "--yes")
+    assert (out / "dups/q30.jpg").read_bytes() == data
+    assert (out / "dups/q30.jpg").stat().st_mtime == mtime
+    assert not list(out.rglob("*.lookalike-part"))
+    assert len(tree(out)) == len(planted)
+
+
+# -- the import case and flag errors -----------------------------------------------------------
+def test_against_lists_files_the_collection_already_has(dup_collection, tmp_path):
+    photos, store, _ = dup_collection
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    Image.open(photos / photo_name(5)).convert("RGB").save(incoming / "again.jpg", quality=40)
+    write_photo(incoming / "new.png", seed=1000)
+    shutil.copy2(photos / photo_name(6), incoming / "same.png")
+    before = store_state(store)
+    data = json.loads(dedupe("--store", store, "--against", incoming, "--json").stdout)
+    assert data["checked"] == 3
+    found = {f["path"]: [m["path"] for m in f["matches"]] for f in data["files"]}
+    assert found == {"again.jpg": [photo_name(5)], "same.png": [photo_name(6)]}
+    assert store_state(store) == before  # nothing added
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--json", "--csv", "x.csv"], "alternatives"),
+        (["--move-to", "x", "--delete"], "alternatives"),
+        (["--yes"], "--yes confirms"),
+    ],
+)
+def test_bad_flag_combinations(dup_collection, flags, message):
+    _, store, _ = dup_collection
+    result = dedupe("--store", store, *flags, ok=False)
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_move_into_the_photos_folder_is_refused(collection):
+    photos, store, _ = collection
+    before = tree(photos)
+    result = dedupe("--store", store, "--move-to", photos / "trash", "--yes", ok=False)
+    assert result.exit_code == 1 and "inside the photos folder" in result.output
+    assert tree(photos) == before
+
+
+def test_journal_is_plain_json(collection, tmp_path, monkeypatch):
+    _, store, planted = collection
+    monkeypatch.setattr(dedupe_actions, "_act", lambda st, a: (_ for _ in ()).throw(SystemExit))
+    with Store.open(store) as st, pytest.raises(SystemExit):
+        apply_actions(st, plan_actions(st, find_groups(st, keep="oldest"), delete=True))
+    data = json.loads((store / dedupe_actions.JOURNAL).read_text())
+    assert {a["path"] for a in data["actions"]} == set(planted)
+    assert all(a["dest"] is None for a in data["actions"])
+    assert os.path.exists(store / "info.json")
+
+
+# -- calibration (the arithmetic; the TensorFlow part runs in every indexing above) ------------
+def test_seeded_edits_are_reproducible():
+    import io
+
+    import numpy as np
+
+    from lookalike.calibrate import edited_copies
+
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), (120, 30, 200)).save(buf, "PNG")
+    a = edited_copies(buf.getvalue(), 64, np.random.default_rng(0))
+    b = edited_copies(buf.getvalue(), 64, np.random.default_rng(0))
+    assert a == b and len(a) == 4
+
+
+def test_threshold_separates_duplicates_from_the_rest():
+    import numpy as np
+
+    from lookalike.calibrate import choose_threshold
+
+    rng = np.random.default_rng(0)
+    copies = rng.uniform(0.9, 1.0, 400)  # edited copies score 0.9-1
+    neighbours = np.sort(rng.uniform(0.2, 0.6, (1000, 10)), axis=1)[:, ::-1].copy()
+    neighbours[:200, 0] = rng.uniform(0.9, 1.0, 200)  # 200 photos have a duplicate
+    # the estimate carries the binomial noise of 100 duplicate pairs (~10 %): ask for 0.9
+    t, facts = choose_threshold(copies, neighbours, photos=1000, target=0.9)
+    assert t <= 0.9  # every duplicate pair is kept
+    false = (neighbours >= t).sum() - (neighbours[:200, 0] >= t).sum()
+    assert false <= 0.05 * 200  # and few others
+    assert facts["duplicate_pairs"] == pytest.approx(100, rel=0.2)  # 200 photos = 100 pairs
+
+    no_dups = np.sort(rng.uniform(0.2, 0.7, (100, 10)), axis=1)[:, ::-1].copy()
+    t, _ = choose_threshold(copies, no_dups, photos=100, target=0.95)
+    assert no_dups.max() < t <= no_dups.max() + 0.01  # just above the closest distinct pair
+
+
+def test_resampling_keeps_the_threshold_at_or_above_the_point_estimate():
+    import numpy as np
+
+    from lookalike.calibrate import choose_threshold, resampled_threshold
+
+    rng = np.random.default_rng(1)
+    copies = rng.uniform(0.8, 1.0, 300)
+    neighbours = np.sort(rng.uniform(0.2, 0.85, (400, 10)), axis=1)[:, ::-1].copy()
+    neighbours[:80, 0] = rng.uniform(0.8, 1.0, 80)
+    point, _ = choose_threshold(copies, neighbours, photos=400)
+    t, facts = resampled_threshold(copies, neighbours, 400, np.random.default_rng(0))
+    assert t >= point and facts["point_threshold"] == point
+    again, _ = resampled_threshold(copies, neighbours, 400, np.random.default_rng(0))
+    assert again == t  # seeded
+    assert 0.0 <= facts["copy_recall"] <= 1.0 and facts["expected_precision"] <= 1.0
+
+
+def test_against_finds_a_file_by_its_phash(dup_collection, tmp_path):
+    from lookalike.engine import Engine
+    from lookalike.incoming import find_known
+
+    photos, store, _ = dup_collection
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    Image.open(photos / photo_name(2)).convert("RGB").save(incoming / "resaved.jpg", quality=70)
+    with Store.open(store) as st:
+        engine = Engine(st)
+        # a cosine of 1 is out of reach for a re-encoded copy: only the pHash can find it
+        (known,) = find_known(engine, incoming, 1.0).known
+        assert known.path == "resaved.jpg" and known.matches[0][0] == photo_name(2)
+        assert known.matches[0][1] < 1.0  # the score is still the cosine
+        assert find_known(engine, incoming, 1.0, phash_max=None).known == []
