@@ -6,7 +6,8 @@ PY=.venv/bin
 rm -rf demo
 $PY/python scripts/make_demo.py demo/photos
 mkdir -p demo/photos/broken && printf 'not an image' > demo/photos/broken/notes.jpg
-$PY/lookalike index demo/photos --store demo/store
+# 20 epochs keep the demo under a minute; leave --epochs out on real photos (a budget decides)
+$PY/lookalike index demo/photos --store demo/store --epochs 20
 $PY/lookalike info --store demo/store
 echo; echo "Look-alikes of demo/photos/beach/beach_000.jpg (its edited copies should come first):"
 $PY/lookalike search demo/photos/beach/beach_000.jpg --store demo/store -k 6
