@@ -6,7 +6,7 @@ PY=.venv/bin
 rm -rf demo
 $PY/python scripts/make_demo.py demo/photos
 mkdir -p demo/photos/broken && printf 'not an image' > demo/photos/broken/notes.jpg
-# 20 epochs keep the demo under a minute; leave --epochs out on real photos (a budget decides)
+# 20 epochs keep the demo to about a minute on a quiet machine; leave --epochs out on real photos (a budget decides)
 $PY/lookalike index demo/photos --store demo/store --epochs 20
 $PY/lookalike info --store demo/store
 echo; echo "Look-alikes of demo/photos/beach/beach_000.jpg (its edited copies should come first):"
