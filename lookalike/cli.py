@@ -274,7 +274,7 @@ def suggest(
                     )
                 else:
                     shown = ", ".join(f"{lab} ({s:.2f})" for lab, s in labels) or "(no labels)"
-                    out.print(f"{path}: {shown}", highlight=False, markup=False)
+                    out.print(f"{path}: {shown}", highlight=False, markup=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 

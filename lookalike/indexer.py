@@ -100,8 +100,8 @@ def index_folder(
             if labels_source:
                 if labels_source != FOLDERS and not Path(labels_source).exists():
                     log.warning("labels file %s is gone; labels left as they are", labels_source)
-                else:
-                    apply_labels(store.db, labels_source)
+                else:  # a remembered folder source only labels new rows: edits stay
+                    apply_labels(store.db, labels_source, keep_existing=options.labels is None)
                     store.info["labels_source"] = labels_source
                     store.save_info()
     finally:

@@ -8,6 +8,7 @@ store's table and can change without re-embedding anything.
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -51,7 +52,9 @@ def read_labels_csv(path: Path) -> dict[str, tuple[str, ...]]:
     except UnicodeDecodeError:
         raise LabelsFileError(f"labels file {path} is not UTF-8 text") from None
     out: dict[str, tuple[str, ...]] = {}
-    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
+    reader = csv.reader(io.StringIO(text, newline=""))
+    for row in reader:
+        line_no = reader.line_num  # a physical line: a quoted cell may span several
         if not row or all(not c.strip() for c in row):
             continue
         if line_no == 1 and [c.strip().lower() for c in row[:2]] == ["path", "labels"]:
@@ -79,7 +82,9 @@ def vote(
     totals: dict[str, float] = defaultdict(float)
     weight = 0.0
     for labels, score in neighbours:
-        w = max(float(score), 0.0)
+        w = float(score)
+        if not w > 0:  # a dissimilar (or NaN) neighbour has no say, not even a 0 vote
+            continue
         weight += w
         for label in labels:
             totals[label] += w
@@ -89,14 +94,19 @@ def vote(
     return [(label, min(1.0, s / weight)) for label, s in ranked[:top]]
 
 
-def apply_labels(db, source: str, photos: Path | None = None) -> int:
+def apply_labels(db, source: str, photos: Path | None = None, keep_existing: bool = False) -> int:
     """Set the table's labels from a source: 'folders' or a CSV path; returns rows changed.
 
-    With 'folders' every image gets its first folder as label; with a CSV, the listed paths get
-    its labels and other rows keep theirs.
+    With 'folders' every image gets its first folder as label (with keep_existing, only the
+    images that have no label yet: so `lookalike labels set` edits survive later index runs);
+    with a CSV, the listed paths get its labels and other rows keep theirs.
     """
     if source == FOLDERS:
-        pairs = [(rec.path, folder_label(rec.path)) for rec in db.records()]
+        pairs = [
+            (rec.path, folder_label(rec.path))
+            for rec in db.records()
+            if not (keep_existing and rec.labels)
+        ]
     else:
         pairs = list(read_labels_csv(Path(source)).items())
     return db.set_labels(pairs)
