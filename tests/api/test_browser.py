@@ -122,7 +122,9 @@ THUMBNAILS_LOADED = """() => {
 def searched(page, action) -> list[tuple[str, float]]:
     """Do action (which starts a search), wait for its answer to be shown with every thumbnail
     loaded; (path, score) of each result."""
-    with page.expect_response(lambda r: r.url.split("?")[0].endswith(("/search", "/similar"))):
+    with page.expect_response(
+        lambda r: r.url.split("?")[0].endswith(("/search", "/suggest", "/similar"))
+    ):
         action()
     page.wait_for_function(  # the page says "Searching…" until it has rendered the answer
         "document.getElementById('status').textContent.includes('look-alikes in')",
