@@ -51,12 +51,23 @@ class Engine:
     """
 
     def __init__(
-        self, store: Store, embedder: Embedder | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        store: Store,
+        embedder: Embedder | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        single_thread_faiss: bool = True,
     ):
         self.store = store
         self.cfg = store.model_config()
         self.embedder = embedder or store.load_embedder()
         self.max_pixels = max_pixels
+        if single_thread_faiss:
+            # One query at a time: OpenMP's thread start-up and its fight with TensorFlow's
+            # threads cost ~10 ms a query on 2 cores; one FAISS thread answers in ~0.5 ms
+            # (scripts/bench_query.py, "faiss1thread" columns).
+            import faiss
+
+            faiss.omp_set_num_threads(1)
         _ = store.index  # load (or rebuild) the index now, not on the first query
         self.embed(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace once
 
