@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import faiss
 import numpy as np
 
 from .errors import InvalidArgumentError, NotFoundError
@@ -61,13 +62,7 @@ class Engine:
         self.cfg = store.model_config()
         self.embedder = embedder or store.load_embedder()
         self.max_pixels = max_pixels
-        if single_thread_faiss:
-            # One query at a time: OpenMP's thread start-up and its fight with TensorFlow's
-            # threads cost ~10 ms a query on 2 cores; one FAISS thread answers in ~0.5 ms
-            # (scripts/bench_query.py, "faiss1thread" columns).
-            import faiss
-
-            faiss.omp_set_num_threads(1)
+        self.single_thread_faiss = single_thread_faiss
         _ = store.index  # load (or rebuild) the index now, not on the first query
         self.embed(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace once
 
@@ -100,7 +95,19 @@ class Engine:
         extra = 1 if exclude is not None else 0
         with self.store.lock:
             self.store.refresh()
-            scores, ids = self.store.index.search(vectors, k + extra)
+            if self.single_thread_faiss and len(vectors) <= 4:
+                # One query at a time: OpenMP's thread start-up and its fight with TensorFlow's
+                # threads cost milliseconds a query on 2 cores (p99 12 -> 5 ms quiet, p50 16 ->
+                # 4 ms loaded; scripts/bench_query.py). The setting is per calling thread, so it
+                # is set (and restored) here, in the thread that searches.
+                threads = faiss.omp_get_max_threads()
+                faiss.omp_set_num_threads(1)
+                try:
+                    scores, ids = self.store.index.search(vectors, k + extra)
+                finally:
+                    faiss.omp_set_num_threads(threads)
+            else:
+                scores, ids = self.store.index.search(vectors, k + extra)
             records = self.store.db.get_many({int(i) for i in ids.ravel() if i >= 0})
         out = []
         for row, (srow, irow) in enumerate(zip(scores, ids)):

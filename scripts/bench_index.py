@@ -7,6 +7,7 @@ Each measurement runs in a fresh subprocess that reports its own peak RSS:
 
   decode   lookalike.images.iter_batches over every file, nothing else (the indexer's decoder)
   index    lookalike.indexer.index_folder into a new store: training, embedding, FAISS + SQLite
+  dedupe   lookalike.index.dedupe.find_groups on the index's store (FAISS range search)
   phash    imagehash.phash of every file (peer), in this venv
   imagededup  imagededup's PHash encode_images + find_duplicates (peer), in --imagededup-python
 
@@ -188,6 +189,19 @@ def child(args) -> dict:
             with Image.open(path) as img:
                 imagehash.phash(img)
         out.update(phash_seconds=time.perf_counter() - t0)
+    elif args.child == "dedupe":
+        from lookalike.index.dedupe import default_threshold, find_groups
+        from lookalike.store import Store
+
+        with Store.open(args.store) as st:
+            _ = st.index  # load before timing
+            t0 = time.perf_counter()
+            groups = find_groups(st)
+            out.update(
+                dedupe_seconds=time.perf_counter() - t0,
+                groups=len(groups),
+                threshold=default_threshold(st),
+            )
     elif args.child == "index":
         from lookalike.indexer import index_folder
         from lookalike.store import Store
@@ -253,23 +267,35 @@ def bench_size(size: int, args) -> tuple[dict, dict]:
     photos = make_collection(args.source, args.scratch, size)
     store = args.scratch / f"store_{size}"
     decode = [spawn("decode", photos, args) for _ in range(args.runs)]
-    index = spawn("index", photos, args, store)
+    runs = [spawn("index", photos, args, store) for _ in range(args.index_runs)]
+    index = runs[-1]  # the store left on disk for bench_query
     tr = index["training"]
     n = index["indexed"]
+
+    def med(fn):
+        return statistics.median(fn(r) for r in runs)
+
     row = {
         "images": n,
         "decode_images_per_s": statistics.median(
             d["decoded"] / d["decode_seconds"] for d in decode
         ),
         "decode_peak_rss_mb": statistics.median(d["peak_rss_mb"] for d in decode),
-        "embed_images_per_s": n / index["embed_seconds"] if index["embed_seconds"] else None,
-        "index_images_per_s_excl_training": n / (index["seconds"] - index["train_seconds"]),
-        "index_seconds": index["seconds"],
-        "train_seconds": index["train_seconds"],
+        "embed_images_per_s": med(lambda r: n / r["embed_seconds"]),
+        "index_images_per_s_excl_training": med(lambda r: n / (r["seconds"] - r["train_seconds"])),
+        "index_seconds": med(lambda r: r["seconds"]),
+        "train_seconds": med(lambda r: r["train_seconds"]),
         "train_images": tr["train_images"],
         "train_epochs": tr["epochs_run"],
-        "train_images_per_s_epoch": tr["train_images"] * tr["epochs_run"] / tr["seconds"],
-        "peak_rss_mb": index["peak_rss_mb"],
+        "train_images_per_s_epoch": med(
+            lambda r: (
+                r["training"]["train_images"]
+                * r["training"]["epochs_run"]
+                / r["training"]["seconds"]
+            )
+        ),
+        "peak_rss_mb": med(lambda r: r["peak_rss_mb"]),
+        "index_runs": len(runs),
         "store_bytes_per_image": index["disk_bytes"] / n,
         "store_bytes_per_image_excl_model": (index["disk_bytes"] - index["parts"]["model"]) / n,
         "model_bytes": index["parts"]["model"],
@@ -277,12 +303,18 @@ def bench_size(size: int, args) -> tuple[dict, dict]:
         "failed": index["failed"],
     }
     peer: dict = {"images": n}
+    dd = spawn("dedupe", photos, args, store)
+    peer["lookalike_dedupe_seconds"] = dd["dedupe_seconds"]
     if not args.no_peers:
         ph = [spawn("phash", photos, args) for _ in range(args.runs)]
         peer["phash_images_per_s"] = statistics.median(p["images"] / p["phash_seconds"] for p in ph)
         peer["phash_peak_rss_mb"] = statistics.median(p["peak_rss_mb"] for p in ph)
-        dd = imagededup_peer(photos, args.imagededup_python, os.cpu_count() or 1)
-        if dd is None:
+        dd = None
+        if not args.no_imagededup:
+            dd = imagededup_peer(photos, args.imagededup_python, os.cpu_count() or 1)
+        if args.no_imagededup:
+            peer["imagededup"] = "skipped (--no-imagededup)"
+        elif dd is None:
             peer["imagededup"] = f"not run: no imagededup interpreter at {args.imagededup_python}"
         else:
             peer.update(
@@ -320,11 +352,20 @@ def main() -> None:
         "--epochs", type=int, default=2, help="training epochs (throughput is per epoch)"
     )
     ap.add_argument("--runs", type=int, default=3, help="runs of the cheap measurements (median)")
+    ap.add_argument("--index-runs", type=int, default=1, help="runs of the index measurement")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests)")
     ap.add_argument("--no-peers", action="store_true", help="skip pHash and imagededup")
-    ap.add_argument("--imagededup-python", type=Path, default=IMAGEDEDUP_PY)
+    ap.add_argument("--no-imagededup", action="store_true", help="skip the imagededup peer")
+    ap.add_argument(
+        "--imagededup-python",
+        type=Path,
+        default=IMAGEDEDUP_PY,
+        help="a Python with imagededup installed (it pulls torch: keep it out of the project venv)",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
-    ap.add_argument("--child", choices=["decode", "index", "phash"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--child", choices=["decode", "index", "phash", "dedupe"], help=argparse.SUPPRESS
+    )
     ap.add_argument("--photos", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -334,6 +375,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    load_before = os.getloadavg()
     rows, peers = [], []
     for size in sizes:
         print(f"size {size} ...", file=sys.stderr, flush=True)
@@ -346,6 +388,7 @@ def main() -> None:
         "epochs": args.epochs,
         "runs": args.runs,
         "model": "tiny" if args.tiny else "default",
+        "load_average_1_5_15": {"start": load_before, "end": os.getloadavg()},
         "sizes": rows,
         "peers": peers,
         "seconds": round(time.perf_counter() - started, 1),

@@ -4,11 +4,14 @@ benchs/bench_hnsw.py (ms/query and recall for each index and nprobe).
 
 1. latency: Engine.search_bytes(file bytes, k=10) on stores of --sizes images (the stores
    scripts/bench_index.py leaves under --scratch, or built here the same way): p50 / p99 per
-   run, median over --runs; embed (decode + encoder) and kNN are also timed apart.
+   run, median over --runs; embed (decode + encoder) and kNN are also timed apart. FAISS on
+   one OpenMP thread (what Engine sets for single queries) and, interleaved, on the process's
+   OpenMP default (the "_faiss<N>threads" columns).
 2. knn: --vectors synthetic unit vectors of the model's dimension (128), flat (exact) vs IVF
    built as Store.rebuild_index builds it (trained on an even sample of at most 100k, nlist and
    nprobe from lookalike.index.knn.ivf_params), with an nprobe sweep: batched ms/query over --nq
-   queries, single-query ms (the API's case), R@1 and recall@10 against the flat answers.
+   queries (OpenMP default), single-query ms (the API's case) on the OpenMP default and on one
+   thread, R@1 and recall@10 against the flat answers.
    Two distributions: "gaussian" (isotropic, like whitened embeddings) and "clustered"
    (a mixture of 1,000 Gaussians), plus the real embeddings of the largest store if it has
    20k or more.
@@ -26,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +58,57 @@ def ensure_store(size: int, args) -> Path:
     return store
 
 
+def _openmp_default() -> int:
+    import faiss
+
+    return faiss.omp_get_max_threads()
+
+
+# FAISS's OpenMP threads before anything changes them (Engine sets one thread process-wide)
+OPENMP_DEFAULT = _openmp_default()
+
+
+def faiss_threads() -> int:
+    """The OpenMP default of this process: what FAISS uses unless told otherwise."""
+    return OPENMP_DEFAULT
+
+
+@contextmanager
+def omp_threads(n: int):
+    """FAISS's OpenMP threads set to n for the block."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _latency_run(engine, blobs: list[bytes]) -> dict:
+    """One pass over the queries: whole search_bytes, and its embed and kNN halves apart."""
+    total, embed, knn = [], [], []
+    for data in blobs:
+        t0 = time.perf_counter()
+        vec = engine.embed_bytes(data)
+        t1 = time.perf_counter()
+        engine.search_vectors(vec[None], 10)
+        t2 = time.perf_counter()
+        engine.search_bytes(data, 10)
+        t3 = time.perf_counter()
+        total.append((t3 - t2) * 1e3)
+        embed.append((t1 - t0) * 1e3)
+        knn.append((t2 - t1) * 1e3)
+    return {
+        "p50_ms": _p(total, 50),
+        "p99_ms": _p(total, 99),
+        "embed_p50_ms": _p(embed, 50),
+        "knn_p50_ms": _p(knn, 50),
+        "knn_p99_ms": _p(knn, 99),
+    }
+
+
 def latency(size: int, args) -> dict:
     """p50 / p99 ms of Engine.search_bytes over a seeded sample of the store's own files."""
     from lookalike.engine import Engine
@@ -67,35 +122,21 @@ def latency(size: int, args) -> dict:
         blobs = [engine.store.file_path(records[i].path).read_bytes() for i in pick]
         for data in blobs[:5]:  # warm-up: tf.function tracing, caches
             engine.search_bytes(data, 10)
-        runs = []
+        runs: dict[int, list[dict]] = {}
         for _ in range(args.runs):
-            total, embed, knn = [], [], []
-            for data in blobs:
-                t0 = time.perf_counter()
-                vec = engine.embed_bytes(data)
-                t1 = time.perf_counter()
-                engine.search_vectors(vec[None], 10)
-                t2 = time.perf_counter()
-                engine.search_bytes(data, 10)
-                t3 = time.perf_counter()
-                total.append((t3 - t2) * 1e3)
-                embed.append((t1 - t0) * 1e3)
-                knn.append((t2 - t1) * 1e3)
-            runs.append(
-                {
-                    "p50_ms": _p(total, 50),
-                    "p99_ms": _p(total, 99),
-                    "embed_p50_ms": _p(embed, 50),
-                    "knn_p50_ms": _p(knn, 50),
-                }
-            )
+            for threads in (1, faiss_threads()):  # interleaved, so both see the same load
+                with omp_threads(threads):
+                    runs.setdefault(threads, []).append(_latency_run(engine, blobs))
         out = {
             "images": len(records),
             "queries": len(blobs),
             "index": engine.store.info["index_type"],
         }
-        for key in runs[0]:
-            out[key] = statistics.median(r[key] for r in runs)
+        for threads, rs in runs.items():
+            suffix = "" if threads == 1 else f"_faiss{threads}threads"  # 1: what Engine uses
+            for key in rs[0]:
+                out[key + suffix] = statistics.median(r[key] for r in rs)
+        out["openmp_default_threads"] = faiss_threads()
         return out
     finally:
         engine.close()
@@ -141,23 +182,28 @@ def recall(found: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float]:
     return r1, float(rk)
 
 
-def single_ms(knn, xq: np.ndarray, n: int = 100) -> float:
-    """Median ms of one-query searches (what one API request does)."""
+def single_ms(knn, xq: np.ndarray, threads: int | None = None, n: int = 100) -> float:
+    """Median ms of one-query searches (what one API request does), FAISS on `threads`."""
     times = []
-    for q in xq[:n]:
-        t0 = time.perf_counter()
-        knn.search(q[None], 10)
-        times.append((time.perf_counter() - t0) * 1e3)
+    with omp_threads(threads or faiss_threads()):
+        knn.search(xq[:1], 10)
+        for q in xq[:n]:
+            t0 = time.perf_counter()
+            knn.search(q[None], 10)
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
 def batched_ms(knn, xq: np.ndarray, runs: int) -> tuple[float, np.ndarray]:
-    """Median over runs of ms/query for one search of all queries, and the ids found."""
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        _, ids = knn.search(xq, 10)
-        times.append((time.perf_counter() - t0) * 1e3 / len(xq))
+    """Median over runs of ms/query for one search of all queries (FAISS on its OpenMP
+    default), and the ids found."""
+    with omp_threads(faiss_threads()):
+        knn.search(xq[:10], 10)  # warm-up: OpenMP threads, caches
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            _, ids = knn.search(xq, 10)
+            times.append((time.perf_counter() - t0) * 1e3 / len(xq))
     return statistics.median(times), ids
 
 
@@ -179,6 +225,7 @@ def knn_bench(name: str, xb: np.ndarray, xq: np.ndarray, args) -> list[dict]:
             "nprobe": "-",
             "batched_ms_per_query": ms,
             "single_query_ms": single_ms(flat, xq),
+            "single_query_ms_1thread": single_ms(flat, xq, 1),
             "R@1": 1.0,
             "recall@10": recall(truth, truth, 10)[1],
             "build_s": build_flat,
@@ -204,6 +251,7 @@ def knn_bench(name: str, xb: np.ndarray, xq: np.ndarray, args) -> list[dict]:
                 "nprobe": nprobe,
                 "batched_ms_per_query": ms,
                 "single_query_ms": single_ms(ivf, xq),
+                "single_query_ms_1thread": single_ms(ivf, xq, 1),
                 "R@1": r1,
                 "recall@10": r10,
                 "build_s": build_ivf,
@@ -257,6 +305,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.perf_counter()
+    load_before = os.getloadavg()
 
     lat = []
     for size in [int(s) for s in args.sizes.split(",") if s.strip()]:
@@ -276,19 +325,21 @@ def main() -> None:
         "machine": machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "runs": args.runs,
+        "load_average_1_5_15": {"start": load_before, "end": os.getloadavg()},
         "latency": lat,
         "knn": knn_rows,
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.json:
         args.json.write_text(json.dumps(data, indent=2))
-    print(
-        markdown(
-            lat, ["images", "index", "queries", "p50_ms", "p99_ms", "embed_p50_ms", "knn_p50_ms"]
-        )
-    )
+    lat_keys = ["images", "index", "queries", "p50_ms", "p99_ms", "embed_p50_ms", "knn_p50_ms"]
+    many = f"_faiss{faiss_threads()}threads"
+    lat_keys += ["knn_p99_ms", "p50_ms" + many, "p99_ms" + many]
+    lat_keys += ["knn_p50_ms" + many, "knn_p99_ms" + many]
+    print(markdown(lat, lat_keys))
     print()
     keys = ["vectors", "n", "index", "nlist", "nprobe", "batched_ms_per_query", "single_query_ms"]
+    keys.append("single_query_ms_1thread")
     print(markdown(knn_rows, keys + ["R@1", "recall@10", "build_s"]))
     for row in knn_rows:
         if "note" in row:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -62,6 +63,11 @@ def _run(driver, **kwargs) -> dict[str, Any]:
             return driver(progress=progress, **kwargs)
 
 
+_TABLE: dict[str, Any] = dict(
+    box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0)
+)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -70,13 +76,26 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _column_groups(keys: list[str], most: int = 6) -> list[list[str]]:
+    """Metric names split into runs of at most `most`, label_* figures apart from the rest."""
+    groups: list[list[str]] = []
+    for family in (
+        [k for k in keys if not k.startswith("label_")],
+        [k for k in keys if k.startswith("label_")],
+    ):
+        groups += [family[i : i + most] for i in range(0, len(family), most)]
+    return groups
+
+
 def _print(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(report))
         return
     methods = report["methods"]
     if report["task"] == "transforms":
-        table = Table(title="recall@1 of a transformed copy's original", title_justify="left")
+        table = Table(
+            title="recall@1 of a transformed copy's original", title_justify="left", **_TABLE
+        )
         table.add_column("transform")
         for name in methods:
             table.add_column(name, justify="right")
@@ -84,15 +103,17 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
             cells = [_fmt(m["by_transform"].get(tname)) for m in methods.values()]
             table.add_row(tname, *cells)
         table.add_row("all", *[_fmt(m["recall@1"]) for m in methods.values()], style="bold")
+        out.print(table)
     else:
         keys = list(next(iter(methods.values())))
-        table = Table(title=f"{report['task']}", title_justify="left")
-        table.add_column("method")
-        for key in keys:
-            table.add_column(key, justify="right")
-        for name, scores in methods.items():
-            table.add_row(name, *[_fmt(scores[key]) for key in keys])
-    out.print(table)
+        for group in _column_groups(keys):  # one table per group, so each fits 80 columns
+            table = Table(title=f"{report['task']}", title_justify="left", **_TABLE)
+            table.add_column("method")
+            for key in group:
+                table.add_column(key, justify="right")
+            for name, scores in methods.items():
+                table.add_row(name, *[_fmt(scores[key]) for key in group])
+            out.print(table)
     facts = {k: report.get(k) for k in ("n", "images", "k", "groups", "sample") if k in report}
     out.print(
         ", ".join(f"{k} {v}" for k, v in facts.items()) + f"; {report['seconds']['total']:.1f} s",
@@ -109,18 +130,28 @@ def retrieval(
     k: Annotated[
         int, typer.Option("-k", "--k", min=1, max=1000, help="Neighbours per query.")
     ] = 10,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="CSV `path,labels` ('|' between labels) instead of folders: label figures only.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     epochs: EpochsOpt = None,
     image_size: ImageSizeOpt = None,
     model_config: ModelConfigOpt = None,
 ) -> None:
-    """Every labelled photo (PHOTOS/<label>/<file>) queries the others: p@1, p@k, map@k, kNN vote."""
+    """Every labelled photo (PHOTOS/<label>/<file>) queries the others: p@1, p@k, map@k, kNN vote,
+    and the suggested labels' p@3, r@3 and best micro-F1."""
     from ..cli import errors_to_exit
     from .run import evaluate_retrieval
 
     with errors_to_exit():
         model = _model(model_config, epochs, image_size)
-    report = _run(evaluate_retrieval, photos=photos, store=store, k=k, model=model)
+    report = _run(
+        evaluate_retrieval, photos=photos, store=store, k=k, model=model, labels_csv=labels
+    )
     _print(report, as_json)
 
 

@@ -122,29 +122,56 @@ def pair_scores(
 
 
 def recall_at_precision(
-    scores: np.ndarray, positive: np.ndarray, n_positives: int, min_precision: float = 0.95
+    pairs: np.ndarray,
+    scores: np.ndarray,
+    group_of: np.ndarray,
+    n_true_pairs: int,
+    min_precision: float = 0.95,
 ) -> tuple[float, float | None]:
-    """Best recall of "pairs scoring >= t" over thresholds t whose precision is >= min_precision.
+    """The best pair recall of dedupe-style groups over thresholds whose precision is enough.
 
-    scores: (p,) candidate pair scores (higher = more alike); positive: (p,) bool, whether each
-    candidate is a true pair; n_positives: all true pairs, found as candidates or not. Pairs with
-    equal scores are taken or left together. Returns (recall, t), or (0.0, None) when no
-    threshold reaches the precision.
+    For each threshold t, the candidate pairs scoring >= t are joined into connected components
+    (as dedupe groups them) and every two members of a component count as a predicted pair;
+    precision and recall compare those with the true pairs. pairs: (p, 2) item indices;
+    scores: (p,), higher = more alike; group_of: (n,) true group of each item, -1 for none;
+    n_true_pairs: all true pairs, found as candidates or not. Pairs with equal scores are taken
+    or left together. Returns (recall, t), or (0.0, None) when no t reaches min_precision.
+    Components merge small into large, so the sweep is O(p log p + n log n).
     """
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     scores = np.asarray(scores, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    if len(scores) == 0 or n_positives <= 0:
+    group_of = np.asarray(group_of)
+    if len(scores) == 0 or n_true_pairs <= 0:
         return 0.0, None
+    parent = list(range(len(group_of)))
+    size = [1] * len(group_of)
+    counts: list[Counter] = [Counter([int(g)]) if g >= 0 else Counter() for g in group_of]
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
     order = np.argsort(-scores, kind="stable")
-    s, pos = scores[order], positive[order]
-    tp = np.cumsum(pos)
-    taken = np.arange(1, len(s) + 1)
-    last_of_tie = np.r_[s[1:] != s[:-1], True]  # a threshold can only cut between scores
-    ok = last_of_tie & (tp / taken >= min_precision)
-    if not ok.any():
-        return 0.0, None
-    best = int(np.argmax(np.where(ok, tp, -1)))
-    return float(tp[best] / n_positives), float(s[best])
+    tp = predicted = 0
+    best: tuple[float, float | None] = (0.0, None)
+    for pos, e in enumerate(order.tolist()):
+        a, b = find(int(pairs[e, 0])), find(int(pairs[e, 1]))
+        if a != b:
+            if size[a] < size[b]:
+                a, b = b, a
+            predicted += size[a] * size[b]
+            tp += sum(v * counts[a].get(g, 0) for g, v in counts[b].items())
+            counts[a].update(counts[b])
+            counts[b] = Counter()
+            size[a] += size[b]
+            parent[b] = a
+        end_of_tie = pos + 1 == len(order) or scores[order[pos + 1]] != scores[e]
+        if end_of_tie and predicted and tp / predicted >= min_precision:
+            if tp / n_true_pairs > best[0]:
+                best = (tp / n_true_pairs, float(scores[e]))
+    return best
 
 
 def union_find_groups(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:

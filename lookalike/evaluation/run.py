@@ -1,9 +1,9 @@
 """`lookalike eval`: score a store's own search, and baselines, on the same images.
 
-Every image of the store is ranked by lookalike through :meth:`Engine.search_vectors` with its
-stored vector and itself excluded -- exactly what ``lookalike search`` / ``GET /images/{id}/similar``
-answer -- and by each baseline over the same files. Without a store, PHOTOS is trained on and
-indexed into a temporary one first.
+Every image of the store queries lookalike through :meth:`Engine.search_vectors` with its stored
+vector, itself excluded -- exactly the answers of :meth:`Engine.search_id`, which the CLI and the
+HTTP API serve -- and each baseline over the same files. Without a store, PHOTOS is trained on
+and indexed into a temporary one first.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..engine import MAX_K, Engine
 from ..errors import InvalidArgumentError
 from ..images import find_images
+from ..labels import read_labels_csv
 from ..store import UPLOAD_PREFIX, Store
 from . import metrics
 from .baselines import (
@@ -38,6 +39,7 @@ from .baselines import (
     phash_codes,
     raw_pixel_vectors,
 )
+from .labels import LABEL_KEYS, LABEL_NOTES, ranker_suggestion_scores
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ NOTES = [
     "pretrained CNN baseline left out: its weights cannot be downloaded on this machine",
     f"raw_pixels: {RAW_PIXELS_SIZE}x{RAW_PIXELS_SIZE} RGB thumbnails from "
     "lookalike.images.load_image, each minus its own mean, cosine",
-    "phash: imagehash.phash (64 bits) of each file, Hamming distance, ties by path",
+    "phash: imagehash.phash (64 bits) of each file, Hamming distance (its scores and thresholds "
+    "are minus the distance), ties by path",
 ]
 
 
@@ -225,10 +228,16 @@ def evaluate_retrieval(
     k: int = 10,
     model: ModelConfig | None = None,
     progress: ProgressFn | None = None,
+    labels_csv: Path | None = None,
 ) -> dict[str, Any]:
-    """Score retrieval on PHOTOS/<label>/<file>: every labelled image queries the others."""
+    """Score retrieval on PHOTOS/<label>/<file>: every labelled image queries the others.
+
+    With labels_csv (`path,labels`, '|'-separated), its labels replace the folders and only the
+    label suggestion figures (lookalike.evaluation.labels) are reported.
+    """
     if not 1 <= k <= MAX_K:
         raise InvalidArgumentError(f"k must be between 1 and {MAX_K}, got {k}")
+    csv_labels = read_labels_csv(labels_csv) if labels_csv is not None else None
     started = time.perf_counter()
     report: dict[str, Any] = {"task": "retrieval", "photos": str(Path(photos).resolve())}
     timings: dict[str, float] = {}
@@ -236,7 +245,16 @@ def evaluate_retrieval(
         engine = Engine(st)
         coll = load_collection(st)
         labels = [label_of(p) for p in coll.paths]
-        queries = np.array([i for i, lab in enumerate(labels) if lab is not None], np.int64)
+        if csv_labels is None:
+            label_sets = [frozenset([lab] if lab is not None else ()) for lab in labels]
+        else:
+            label_sets = [frozenset(csv_labels.get(p, ())) for p in coll.paths]
+        queries = np.array([i for i, s in enumerate(label_sets) if s], np.int64)
+        if len(queries) == 0 and csv_labels is not None:
+            raise InvalidArgumentError(
+                f"no image of the store has a label in {labels_csv}: check that its path "
+                "column holds paths relative to PHOTOS"
+            )
         if len(queries) == 0:
             raise InvalidArgumentError(
                 f"no labelled images in {photos}: expected one sub-folder per label, "
@@ -245,21 +263,32 @@ def evaluate_retrieval(
         methods = {}
         for ranker in _rankers(engine, coll, timings):
             t0 = time.perf_counter()
-            methods[ranker.name] = retrieval_scores(ranker, labels, queries, k)
+            scores = {} if csv_labels is not None else retrieval_scores(ranker, labels, queries, k)
+            if ranker.name == "phash":  # minus Hamming distances: no similarity to weigh a vote
+                scores.update(dict.fromkeys(LABEL_KEYS))
+            else:
+                scores.update(ranker_suggestion_scores(ranker, label_sets, queries, k))
+            methods[ranker.name] = scores
             timings[ranker.name] = time.perf_counter() - t0
     report.update(
         n=int(len(queries)),
         images=len(coll),
         k=k,
-        labels=dict(sorted(Counter(lab for lab in labels if lab is not None).items())),
+        labels=dict(sorted(Counter(lab for s in label_sets for lab in s).items())),
+        labels_source=str(Path(labels_csv).resolve()) if labels_csv is not None else "folders",
         methods=methods,
         notes=NOTES
-        + [
-            f"knn_top1/knn_top3: majority vote of the {k} neighbours' labels, ties broken by "
-            "summed similarity, then label name",
-            f"map@{k}: sum of precision at each relevant rank <= {k}, over min({k}, relevant "
-            "images of the query)",
-        ],
+        + (
+            []
+            if csv_labels is not None
+            else [
+                f"knn_top1/knn_top3: majority vote of the {k} neighbours' labels, ties broken "
+                "by summed similarity, then label name",
+                f"map@{k}: sum of precision at each relevant rank <= {k}, over min({k}, "
+                "relevant images of the query)",
+            ]
+        )
+        + LABEL_NOTES,
         seconds=timings,
     )
     return _finish(report, started)
@@ -294,10 +323,46 @@ def _lookalike_dedupe(store: Store) -> tuple[list[list[str]] | None, float | Non
     return [[m.path for m in g.members] for g in groups], threshold, None
 
 
+def _dedupe_links(store: Store, coll: Collection) -> tuple[np.ndarray, str]:
+    """(f, 2) collection positions that lookalike dedupe joins whatever their cosine: exact
+    copies (same sha256) and, where the store keeps pHashes, pairs within dedupe's PHASH_MAX."""
+    pos = {int(i): n for n, i in enumerate(coll.ids)}
+    by_sha: dict[str, list[int]] = {}
+    for rec in store.db.records():
+        if rec.id in pos:
+            by_sha.setdefault(rec.sha256, []).append(pos[rec.id])
+    links = [(c[0], x) for c in by_sha.values() for x in c[1:]]
+    what = "exact copies"
+    try:
+        from ..index import dedupe
+    except ModuleNotFoundError:
+        dedupe = None
+    phash_max = getattr(dedupe, "PHASH_MAX", None)
+    if phash_max is not None and hasattr(dedupe, "hash_links") and hasattr(store.db, "phashes"):
+        ids, hashes = store.db.phashes()
+        if len(ids) > 1:
+            a, b = dedupe.hash_links(hashes, phash_max)
+            links += [
+                (pos[int(x)], pos[int(y)])
+                for x, y in zip(ids[a], ids[b])
+                if int(x) in pos and int(y) in pos
+            ]
+        what = f"exact copies and pHash within {phash_max} bits"
+    return np.array(links, np.int64).reshape(-1, 2), what
+
+
 def neardup_scores(
-    ranker, groups: list[str | None], members: np.ndarray, depth: int
+    ranker,
+    groups: list[str | None],
+    members: np.ndarray,
+    depth: int,
+    links: np.ndarray | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """recall@3, mrr and recall@p0.95 of one ranker; groups[i] is None for distractors."""
+    """recall@3, mrr and recall@p0.95 of one ranker; groups[i] is None for distractors.
+
+    links: (f, 2) pairs the ranker's dedupe joins whatever their score (they enter the
+    recall@p0.95 sweep above every threshold).
+    """
     gid = {g: n for n, g in enumerate(sorted({g for g in groups if g is not None}))}
     group_id = np.array([gid[g] if g is not None else -1 for g in groups] + [-2])
     sizes = Counter(g for g in groups if g is not None)
@@ -324,12 +389,19 @@ def neardup_scores(
         rr += metrics.reciprocal_rank(rel).sum()
     pairs = np.array(list(candidates), np.int64).reshape(-1, 2)
     scores = np.array(list(candidates.values()), np.float64)
-    positive = (group_id[pairs[:, 0]] == group_id[pairs[:, 1]]) & (group_id[pairs[:, 0]] >= 0)
+    if links is not None and len(links):
+        pairs = np.concatenate([pairs, links])
+        scores = np.concatenate([scores, np.full(len(links), np.inf)])
     n_true = sum(s * (s - 1) // 2 for s in sizes.values() if s > 1)
-    r_at_p, threshold = metrics.recall_at_precision(scores, positive, n_true, MIN_PRECISION)
+    r_at_p, threshold = metrics.recall_at_precision(
+        pairs, scores, group_id[:-1], n_true, MIN_PRECISION
+    )
     n = len(members)
     out = {"recall@3": recall / n, "mrr": rr / n, "recall@p0.95": r_at_p}
-    return out, {"threshold@p0.95": threshold, "candidate_pairs": len(pairs)}
+    more: dict[str, Any] = {"threshold@p0.95": threshold, "candidate_pairs": len(candidates)}
+    if threshold is not None and np.isinf(threshold):
+        more["threshold@p0.95"] = "links only"
+    return out, more
 
 
 def evaluate_neardup(
@@ -365,14 +437,20 @@ def evaluate_neardup(
         depth = min(len(coll) - 1, MAX_K)
         methods: dict[str, dict[str, Any]] = {}
         extra: dict[str, dict[str, Any]] = {}
+        links, linked = _dedupe_links(st, coll)
         for ranker in _rankers(engine, coll, timings):
             t0 = time.perf_counter()
-            scores, more = neardup_scores(ranker, groups, members, depth)
-            if ranker.name == "lookalike":
+            lookalike = ranker.name == "lookalike"
+            scores, more = neardup_scores(
+                ranker, groups, members, depth, links if lookalike else None
+            )
+            if lookalike:
                 pred, threshold, note = _lookalike_dedupe(st)
                 if note:
                     notes.append(note)
-                more["dedupe"] = f"lookalike dedupe, default threshold {threshold}"
+                more["dedupe"] = (
+                    f"lookalike dedupe: cosine >= {threshold} (its default), or {linked}"
+                )
             elif ranker.name == "raw_pixels":
                 threshold = RAW_PIXELS_DEDUPE_THRESHOLD
                 pred = _union_groups(ranker, threshold, coll.paths)
@@ -404,9 +482,10 @@ def evaluate_neardup(
         details=extra,
         notes=notes
         + [
-            f"recall@p0.95: best pair recall over score thresholds whose precision is >= 0.95; "
-            f"candidates are the pairs of each image with its {PAIR_CANDIDATES} nearest others, "
-            "recall is over all true pairs",
+            "recall@p0.95: best pair recall over score thresholds t whose pair precision is >= "
+            "0.95, the candidate pairs scoring >= t joined into groups as dedupe joins them "
+            f"(lookalike: also by its {linked} links); candidates are the pairs of each image "
+            f"with its {PAIR_CANDIDATES} nearest others, recall is over all true pairs",
             f"mrr: over each member's {depth} nearest others (0 if no group-mate among them)",
         ],
         seconds=timings,
@@ -579,6 +658,7 @@ def evaluate_transforms(
         trained=idx_report.trained,
         n=written * len(TRANSFORMS),
         images=len(coll),
+        k=1,
         sample=written,
         skipped=skipped,
         transforms=list(TRANSFORMS),

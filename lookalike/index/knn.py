@@ -12,7 +12,7 @@ from ..errors import InvalidArgumentError
 
 INDEX_TYPES = ("flat", "ivf")
 # Below this many vectors `auto` keeps exact search: a flat scan of 128-d vectors stays under a few
-# ms/query up to here on 2 cores (scripts/bench_knn.py), and exact search needs no training.
+# ms/query up to here on 2 cores (scripts/bench_query.py), and exact search needs no training.
 AUTO_IVF_THRESHOLD = 200_000
 
 

@@ -105,19 +105,23 @@ def test_neardup_scores_on_two_groups():
     got, _ = neardup_scores(FixedRanker(lists), GROUPS, np.arange(5), depth=6)
     assert got["recall@3"] == pytest.approx((1 + 0.5 + 0 + 1 + 0) / 5)
     assert got["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 5 + 1 + 1 / 4) / 5)
-    # the first neighbours, all scoring 1.0: (0,1) (3,4) true; (1,5) (2,5) (0,4) (5,6) false:
-    # precision 2/6 < 0.95 at the top score already, so no recall is reachable
+    # the first neighbours, all scoring 1.0, join all 7 images into one group: 4 of its 21
+    # pairs are true, precision < 0.95 at the top score already, so no recall is reachable
     assert got["recall@p0.95"] == 0.0
 
 
-def test_recall_at_precision_keeps_ties_together():
-    scores = np.array([0.9, 0.8, 0.8, 0.7, 0.6])
-    positive = np.array([True, True, False, True, False])
-    assert metrics.recall_at_precision(scores, positive, 4, 0.6) == (0.75, 0.7)
-    # a cut inside the 0.8 tie would give precision 1.0 at recall 0.5; it is not allowed
-    assert metrics.recall_at_precision(scores, positive, 4, 0.9) == (0.25, 0.9)
-    assert metrics.recall_at_precision(scores, ~positive, 4, 0.95) == (0.0, None)
-    assert metrics.recall_at_precision(np.array([]), np.array([], bool), 4) == (0.0, None)
+def test_recall_at_precision_counts_pairs_of_groups():
+    # items 0 1 2 form a true group, 3 is alone in its group, 4 is a distractor: 3 true pairs
+    group_of = np.array([0, 0, 0, 1, -1])
+    pairs = np.array([(0, 1), (1, 4), (1, 2), (2, 3)])
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    # t=.9: {0,1} 1/1 pairs right, recall 1/3; t=.8: {0,1,4} 1/3; t=.7: {0,1,2,4} 3/6, recall 1
+    assert metrics.recall_at_precision(pairs, scores, group_of, 3, 0.95) == (1 / 3, 0.9)
+    assert metrics.recall_at_precision(pairs, scores, group_of, 3, 0.5) == (1.0, 0.7)
+    # a cut inside a tie is not allowed: (0,1) and (1,4) at .9 come together, precision 1/3
+    tied = np.array([0.9, 0.9, 0.7, 0.6])
+    assert metrics.recall_at_precision(pairs, tied, group_of, 3, 0.95) == (0.0, None)
+    assert metrics.recall_at_precision(pairs[:0], scores[:0], group_of, 3) == (0.0, None)
 
 
 def test_pair_scores():
