@@ -156,6 +156,14 @@ def index(
             err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
 
 
+def query_files(queries: list[Path]):
+    """Each query argument's image files: a file as given, a folder walked recursively."""
+    from .images import find_images
+
+    for query in queries:
+        yield from (find_images(query) if query.is_dir() else [query])
+
+
 @app.command()
 def search(
     queries: Annotated[list[Path], typer.Argument(help="Image files or folders to query with.")],
@@ -167,31 +175,29 @@ def search(
 ) -> None:
     """Print the k most similar stored photos of each query image."""
     from .engine import Engine
-    from .images import find_images, read_file
+    from .images import read_file
 
     failed = 0
     with errors_to_exit():
         engine = Engine.open(store)
-        for query in queries:
-            paths = list(find_images(query)) if query.is_dir() else [query]
-            for path in paths:
-                try:
-                    hits = engine.search_bytes(read_file(path), k)
-                except LookalikeError as exc:
-                    err.print(f"{path}: {exc}", highlight=False, markup=False)
-                    failed += 1
-                    continue
-                label = str(path)
-                if as_json:
-                    print(json.dumps({"query": label, "results": [h.to_dict() for h in hits]}))
-                    continue
-                table = Table(title=label, title_justify="left", show_edge=False)
-                table.add_column("rank", justify="right")
-                table.add_column("score", justify="right")
-                table.add_column("path")
-                for rank, h in enumerate(hits, 1):
-                    table.add_row(str(rank), f"{h.score:.4f}", h.path)
-                out.print(table)
+        for path in query_files(queries):
+            try:
+                hits = engine.search_bytes(read_file(path), k)
+            except LookalikeError as exc:
+                err.print(f"{path}: {exc}", highlight=False, markup=False)
+                failed += 1
+                continue
+            label = str(path)
+            if as_json:
+                print(json.dumps({"query": label, "results": [h.to_dict() for h in hits]}))
+                continue
+            table = Table(title=label, title_justify="left", show_edge=False)
+            table.add_column("rank", justify="right")
+            table.add_column("score", justify="right")
+            table.add_column("path")
+            for rank, h in enumerate(hits, 1):
+                table.add_row(str(rank), f"{h.score:.4f}", h.path)
+            out.print(table)
     if failed:
         raise typer.Exit(1)
 
@@ -247,34 +253,31 @@ def suggest(
 ) -> None:
     """Suggest labels for each query from its k labelled look-alikes (a weighted vote)."""
     from .engine import Engine
-    from .images import find_images, read_file
+    from .images import read_file
 
     failed = 0
     with errors_to_exit():
         engine = Engine.open(store)
-        for query in queries:
-            for path in list(find_images(query)) if query.is_dir() else [query]:
-                try:
-                    labels, hits = engine.suggest_bytes(read_file(path), k, top)
-                except LookalikeError as exc:
-                    err.print(f"{path}: {exc}", highlight=False, markup=False)
-                    failed += 1
-                    continue
-                if as_json:
-                    print(
-                        json.dumps(
-                            {
-                                "query": str(path),
-                                "labels": [
-                                    {"label": lab, "score": round(s, 6)} for lab, s in labels
-                                ],
-                                "neighbours": [h.to_dict() for h in hits],
-                            }
-                        )
+        for path in query_files(queries):
+            try:
+                labels, hits = engine.suggest_bytes(read_file(path), k, top)
+            except LookalikeError as exc:
+                err.print(f"{path}: {exc}", highlight=False, markup=False)
+                failed += 1
+                continue
+            if as_json:
+                print(
+                    json.dumps(
+                        {
+                            "query": str(path),
+                            "labels": [{"label": lab, "score": round(s, 6)} for lab, s in labels],
+                            "neighbours": [h.to_dict() for h in hits],
+                        }
                     )
-                else:
-                    shown = ", ".join(f"{lab} ({s:.2f})" for lab, s in labels) or "(no labels)"
-                    out.print(f"{path}: {shown}", highlight=False, markup=False, soft_wrap=True)
+                )
+            else:
+                shown = ", ".join(f"{lab} ({s:.2f})" for lab, s in labels) or "(no labels)"
+                out.print(f"{path}: {shown}", highlight=False, markup=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 

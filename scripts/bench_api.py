@@ -13,7 +13,7 @@ is started here (`python -m lookalike serve --store STORE --port FREE`) unless -
 already running; either way only loopback addresses are used.
 
 Examples:
-  .venv/bin/lookalike index /work/shared/datasets/intel_scenes/images --store /tmp/intel_store
+  .venv/bin/lookalike index ../shared/datasets/intel_scenes/images --store /tmp/intel_store
   .venv/bin/python scripts/bench_api.py --store /tmp/intel_store              # full: 1,000
   .venv/bin/python scripts/bench_api.py --store /tmp/intel_store --requests 50   # smoke
 """
@@ -39,7 +39,7 @@ import httpx
 import numpy as np
 
 DEFAULT_STORE = Path("/tmp/intel_store")
-DEFAULT_PHOTOS = Path("/work/shared/datasets/intel_scenes/images")
+DEFAULT_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared/datasets/intel_scenes/images"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 

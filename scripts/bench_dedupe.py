@@ -2,9 +2,9 @@
 
 Quality (needs a store indexed from a labelled folder; groups.csv has file,group_id[,variant]):
 
-    lookalike index /work/shared/datasets/intel_neardup/images --store /tmp/nd_store
+    lookalike index ../shared/datasets/intel_neardup/images --store /tmp/nd_store
     python scripts/bench_dedupe.py quality --store /tmp/nd_store \
-        --labels /work/shared/datasets/intel_neardup/groups.csv
+        --labels ../shared/datasets/intel_neardup/groups.csv
 
 prints pair precision / recall / F1 in one run of: ``find_groups`` at the store's default
 threshold fused with pHash evidence (cosine >= t or pHash distance <= PHASH_MAX, the default of
