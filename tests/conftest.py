@@ -90,6 +90,24 @@ def copy_store(src_photos: Path, src_store: Path, dst: Path) -> tuple[Path, Path
     return photos, store
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny 1-bit greyscale PNG whose header claims width x height pixels (a bomb)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> ModelConfig:
     return TINY

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_header_only  # noqa: E402
 from PIL import Image, JpegImagePlugin
 
 from lookalike.errors import ImageDecodeError, ImageError, ImageTooLargeError, LookalikeError
@@ -76,22 +75,6 @@ LEFT = (slice(2, SIZE - 2), slice(2, SIZE // 2 - 3))
 RIGHT = (slice(2, SIZE - 2), slice(SIZE // 2 + 3, SIZE - 2))
 TOP = (slice(2, SIZE // 2 - 3), slice(2, SIZE - 2))
 BOTTOM = (slice(SIZE // 2 + 3, SIZE - 2), slice(2, SIZE - 2))
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A tiny 1-bit greyscale PNG whose header claims width x height pixels."""
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 # --------------------------------------------------------------------------- formats
@@ -434,7 +417,7 @@ def test_format_pillow_reads_but_we_do_not_accept(tmp_path, fmt, suffix):
 
 
 def test_decompression_bomb_header_far_over_pillows_limit(tmp_path):
-    data = _png_header_only(20000, 20000)  # 400 million pixels in a file of ~100 bytes
+    data = png_header_only(20000, 20000)  # 400 million pixels in a file of ~100 bytes
     assert len(data) < 200
     path = tmp_path / "bomb.png"
     path.write_bytes(data)
@@ -442,7 +425,7 @@ def test_decompression_bomb_header_far_over_pillows_limit(tmp_path):
 
 
 def test_decompression_bomb_header_over_our_default_limit(tmp_path):
-    data = _png_header_only(10000, 10000)  # 100 million: over our default, under Pillow's
+    data = png_header_only(10000, 10000)  # 100 million: over our default, under Pillow's
     assert 10000 * 10000 > DEFAULT_MAX_PIXELS
     path = tmp_path / "big.png"
     path.write_bytes(data)
@@ -561,7 +544,7 @@ def _mixed_files(tmp_path: Path) -> tuple[list[Path], list[Path], list[Path]]:
     bad["b2.png"].write_bytes(b"")
     data = _valid_jpeg_bytes()
     bad["b3.jpg"].write_bytes(data[: len(data) // 2])
-    bad["b5.png"].write_bytes(_png_header_only(20000, 20000))
+    bad["b5.png"].write_bytes(png_header_only(20000, 20000))
 
     order = [
         "g1.png",

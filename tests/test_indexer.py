@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PHOTO_SEEDS, TINY, photo_name, write_photo
+from conftest import PHOTO_SEEDS, TINY, photo_name, png_header_only, write_photo
 
 import lookalike.indexer as indexer_module
 from lookalike.config import IndexOptions
@@ -23,24 +23,6 @@ from lookalike.store import Store
 
 N = len(PHOTO_SEEDS)
 ONE_EPOCH = TINY.replace(epochs=1)
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A tiny 1-bit greyscale PNG whose header claims width x height pixels (a bomb)."""
-    import struct
-    import zlib
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def _ids(store_path: Path) -> dict[str, int]:
@@ -126,7 +108,7 @@ def _write_bad_files(folder: Path, good_jpeg: Path) -> dict[str, str]:
     data = good_jpeg.read_bytes()
     (folder / "bad" / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (folder / "bad" / "text.jpg").write_text("this is a text file, not a photo\n" * 20)
-    (folder / "bad" / "bomb.png").write_bytes(_png_header_only(20000, 20000))
+    (folder / "bad" / "bomb.png").write_bytes(png_header_only(20000, 20000))
     return {
         "bad/empty.jpg": "empty",
         "bad/truncated.jpg": "",
