@@ -111,10 +111,23 @@ def index(
         str | None,
         typer.Option(help="Labels from 'folders' (PHOTOS/<label>/...) or a CSV `path,labels`."),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="Embed on a Ray cluster at ADDRESS (e.g. auto, ray://head:10001); bare --ray "
+            'starts a local one. Needs pip install "lookalike[ray]".',
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Embedding actors with --ray (default: the cluster's CPUs - 1)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the autoencoder if needed, embed new and changed photos, update the index."""
-    from .config import IndexOptions, ModelConfig
+    from .config import IndexOptions, ModelConfig, RayOptions
     from .indexer import index_folder
     from .store import Store
 
@@ -139,7 +152,14 @@ def index(
         ):
             err.print("note: model flags apply when training; add --retrain to train anew")
         with progress_bar(sys.stderr.isatty() or not as_json) as progress:
-            report = index_folder(photos, store, model=model, options=options, progress=progress)
+            report = index_folder(
+                photos,
+                store,
+                model=model,
+                options=options,
+                progress=progress,
+                ray=RayOptions(address=ray, workers=ray_workers) if ray is not None else None,
+            )
     if as_json:
         print(json.dumps(report.to_dict()))
         return
@@ -520,9 +540,28 @@ def dedupe(
             out.print("dry run: nothing changed; add --yes to do it")
 
 
+RAY_LOCAL = "local"
+
+
+def ray_flag_argv(argv: list[str]) -> list[str]:
+    """Let `--ray` go without a value: `--ray` alone means a local Ray instance.
+
+    The word after `--ray` is its ADDRESS only when it looks like one ("auto", "local", or
+    containing ":"), so `lookalike index --ray PHOTOS --store S` keeps PHOTOS as the folder.
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--ray":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or not (nxt in ("auto", RAY_LOCAL) or ":" in nxt):
+                out[-1] = f"--ray={RAY_LOCAL}"
+    return out
+
+
 def main() -> None:
     """Entry point of the `lookalike` command."""
-    app()
+    app(args=ray_flag_argv(sys.argv[1:]), prog_name="lookalike")
 
 
 if __name__ == "__main__":

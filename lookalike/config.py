@@ -77,6 +77,17 @@ class IndexOptions:
     labels: str | None = None  # "folders", a labels CSV path, or None to keep the store's source
 
 
+@dataclass(frozen=True)
+class RayOptions:
+    """How `lookalike index --ray` runs on a Ray cluster (see docs/scaling.md)."""
+
+    address: str = "local"  # "local": start a Ray instance here; else a cluster's address
+    workers: int | None = None  # embedding actors; None: from the cluster's CPUs
+    batch_size: int = 128  # images per map_batches call
+    shard_rows: int = 4096  # embedded images per shard file in STORE/shards
+    index_tasks: int | None = None  # parallel IVF filling tasks; None: the cluster's CPUs
+
+
 class Settings(BaseSettings):
     """Runtime settings of the service and CLI, from LOOKALIKE_* environment variables."""
 

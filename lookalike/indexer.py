@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import IndexOptions, ModelConfig
+from .config import IndexOptions, ModelConfig, RayOptions
 from .errors import InvalidArgumentError
 from .images import DecodedImage, FailedImage, find_images, iter_batches, phash64
 from .index.knn import resolve_index_type
@@ -41,9 +41,12 @@ class IndexReport:
     seconds: float = 0.0
     train_seconds: float = 0.0
     embed_seconds: float = 0.0
+    index: dict | None = None  # how an approximate index was built and its measured recall
+    resumed: int = 0  # Ray runs: files taken from the shards of an interrupted run
+    ray: dict | None = None  # Ray runs: the cluster's CPUs and the embedding pool
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "images": self.images,
             "added": self.added,
             "updated": self.updated,
@@ -56,6 +59,12 @@ class IndexReport:
             "train_seconds": round(self.train_seconds, 3),
             "embed_seconds": round(self.embed_seconds, 3),
         }
+        if self.index is not None:
+            out["index"] = self.index
+        if self.ray is not None:
+            out["ray"] = self.ray
+            out["resumed"] = self.resumed
+        return out
 
 
 def _relative(path: Path, root: Path, store: Store) -> str:
@@ -72,6 +81,7 @@ def index_folder(
     model: ModelConfig | None = None,
     options: IndexOptions | None = None,
     progress: ProgressFn | None = None,
+    ray: RayOptions | None = None,
 ) -> IndexReport:
     """Bring the store at store_path in step with the photos folder.
 
@@ -79,6 +89,10 @@ def index_folder(
     changed files (size+mtime, confirmed by sha256), drops deleted ones and updates the index.
     Every batch is committed to the table as it is done, so an interrupted run loses at most a
     batch and the next run continues from there.
+
+    With ``ray``, files are decoded and embedded on a Ray cluster (lookalike.scale), results
+    stream to shard files in the store and are merged into the same table and index; training
+    stays here, on a bounded sample, exactly as without Ray.
     """
     started = time.perf_counter()
     options = options or IndexOptions()
@@ -95,7 +109,7 @@ def index_folder(
     store = Store.open(store_path, create=True, photos=photos)
     try:
         with store.writing():
-            _run(store, photos, model, options, progress, report)
+            _run(store, photos, model, options, progress, report, ray)
             labels_source = labels_source or store.info.get("labels_source")
             if labels_source:
                 if labels_source != FOLDERS and not Path(labels_source).exists():
@@ -110,25 +124,31 @@ def index_folder(
     return report
 
 
-def _run(store, photos, model, options, progress, report) -> None:
-    progress("scan", 0, 0)
-    files = [p for p in find_images(photos) if not p.resolve().is_relative_to(store.root)]
+@dataclass
+class Plan:
+    """What one run has to do: the files to (re)embed, in collection order, and why."""
+
+    todo: list[Path]
+    kind: dict[str, str]  # rel path -> added | updated | maybe | stale
+    states: dict  # rel path -> (id, size, mtime, sha256, model) of the rows in the table
+    no_phash: set[str]  # rows of an older version without a pHash: decoded again once
+    removed_ids: list[int]  # rows whose file is gone
+
+
+def scan(store: Store, photos: Path) -> list[Path]:
+    """The image files under photos, in collection order (the store's own folder excluded)."""
+    return [p for p in find_images(photos) if not p.resolve().is_relative_to(store.root)]
+
+
+def plan_changes(store: Store, photos: Path, files: list[Path], report: IndexReport) -> Plan:
+    """Compare the folder's files with the table; counts unchanged files in report."""
     uploads = list(find_images(store.uploads_dir)) if store.uploads_dir.is_dir() else []
     states = store.db.file_states()
-    no_phash = store.db.without_phash()  # rows of an older version: decoded again once
-    seen: set[str] = set()
-    failed: dict[Path, FailedImage] = {}
-
-    if not store.is_trained or options.retrain:
-        cfg = model or (store.model_config() if store.is_trained else ModelConfig())
-        report.train_seconds = _train(store, files, cfg, options, progress, failed)
-        report.trained = True
-    cfg = store.model_config()
+    no_phash = store.db.without_phash()
     serial = store.model_serial
-
-    # what changed since the last run
+    seen: set[str] = set()
     todo: list[Path] = []
-    kind: dict[str, str] = {}  # rel path -> added | updated | maybe | stale
+    kind: dict[str, str] = {}
     for path in files + uploads:
         rel = _relative(path, photos, store)
         seen.add(rel)
@@ -146,20 +166,130 @@ def _run(store, photos, model, options, progress, report) -> None:
                 kind[rel] = "maybe"  # size or mtime differ: the sha256 decides
         todo.append(path)
     removed_ids = [states[rel][0] for rel in states if rel not in seen]
+    return Plan(todo, kind, states, no_phash, removed_ids)
+
+
+class Committer:
+    """Writes embedded files to the table (one transaction per batch) and keeps the index and
+    the report in step; shared by the single-process and the Ray paths."""
+
+    def __init__(self, store: Store, plan: Plan, index, report: IndexReport):
+        self.store = store
+        self.plan = plan
+        self.index = index
+        self.report = report
+        self.serial = store.model_serial
+        self.failed: dict[Path, FailedImage] = {}
+        self._touches: list[tuple[int, float, int]] = []
+
+    def fail(self, bad: list[FailedImage], rels: list[str]) -> None:
+        """Report unreadable files; a file that was indexed and is now unreadable is dropped."""
+        for f, rel in zip(bad, rels):
+            self.failed.setdefault(f.path, f)
+            state = self.plan.states.get(rel)
+            if state is not None:  # it cannot be served any more
+                self.store.db.write(deletes=[state[0]])
+                if self.index is not None:
+                    self.index.remove(np.array([state[0]]))
+
+    def triage(self, rel: str, sha256: str, mtime: float, size: int) -> str | None:
+        """The kind of write a decoded file needs, or None when it is unchanged after all
+        (same bytes under a new mtime: only the file facts are updated)."""
+        state, k = self.plan.states.get(rel), self.plan.kind[rel]
+        if k == "maybe" and state[3] == sha256:
+            k = "unchanged" if state[4] == self.serial and rel not in self.plan.no_phash else "stale"
+            self._touches.append((state[0], mtime, size))
+            if k == "unchanged":
+                self.report.unchanged += 1
+                return None
+        elif k == "maybe":
+            k = "updated"
+        return k
+
+    def commit(self, rows: list[tuple[ImageRecord, np.ndarray, str]]) -> None:
+        """Write (record, vector, kind) rows and the touches triage collected, in one transaction."""
+        touches, self._touches = self._touches, []
+        if rows:
+            vectors = np.stack([v for _, v, _ in rows])
+            ids = self.store.db.write(
+                [(r, v) for r, v, _ in rows], touches=touches, model=self.serial
+            )
+            if self.index is not None:
+                self.index.remove(np.array(ids))  # replaced rows keep their id
+                self.index.add(vectors, np.array(ids))
+            for _, _, k in rows:
+                if k == "added":
+                    self.report.added += 1
+                elif k == "updated":
+                    self.report.updated += 1
+                else:
+                    self.report.reembedded += 1
+                    self.report.unchanged += 1
+        elif touches:
+            self.store.db.write(touches=touches)
+
+
+def _run(store, photos, model, options, progress, report, ray=None) -> None:
+    progress("scan", 0, 0)
+    files = scan(store, photos)
+    failed: dict[Path, FailedImage] = {}
+    if not store.is_trained or options.retrain:
+        cfg = model or (store.model_config() if store.is_trained else ModelConfig())
+        report.train_seconds = _train(store, files, cfg, options, progress, failed)
+        report.trained = True
+    cfg = store.model_config()
+    plan = plan_changes(store, photos, files, report)
 
     index = None
     requested = options.index_type
     if not report.trained and store.info.get("embedding_dim"):
         index = store.index  # loaded, or rebuilt if a previous run was interrupted
-    if removed_ids:
-        store.db.write(deletes=removed_ids)
-        report.removed = len(removed_ids)
+    if plan.removed_ids:
+        store.db.write(deletes=plan.removed_ids)
+        report.removed = len(plan.removed_ids)
         if index is not None:
-            index.remove(np.array(removed_ids))
+            index.remove(np.array(plan.removed_ids))
 
+    committer = Committer(store, plan, index, report)
+    committer.failed.update(failed)
+    embedder = None
+    if ray is not None:
+        from .scale.ray_index import build_ivf_on_ray, embed_on_ray, ray_session
+
+        with ray_session(ray):
+            report.ray = {}
+            embed_on_ray(store, photos, plan, committer, cfg, options, ray, progress)
+            count = len(store.db)
+            kind = resolve_index_type(requested, count)
+            if kind == "ivf" and (index is None or index.index_type != "ivf"):
+                report.index = build_ivf_on_ray(store, requested, ray, progress)
+                index = store.index
+    else:
+        embedder = _embed_here(store, photos, plan, committer, cfg, options, progress)
+
+    count = len(store.db)
+    kind = resolve_index_type(requested, count)
+    if index is None or index.index_type != kind:
+        store.rebuild_index(requested)
+    else:
+        store.info["index_type_requested"] = requested
+        store.save_index()
+    report.images = count
+    report.failed = sorted(committer.failed.values(), key=lambda f: str(f.path))
+    if report.trained:  # the cosine scale of duplicates is the model's: measure it again
+        from .calibrate import calibrate_store
+
+        progress("calibrate", 0, 1)
+        calibrate_store(store, embedder or store.load_embedder())
+        progress("calibrate", 1, 1)
+
+
+def _embed_here(store, photos, plan, committer, cfg, options, progress):
+    """Decode on a thread pool and embed in this process, one committed batch at a time;
+    returns the embedder (None when there was nothing to embed)."""
+    todo = plan.todo
     embedder = store.load_embedder() if todo else None
     progress("embed", 0, len(todo))
-    embed_time = 0.0
     done = 0
     for ok, bad in iter_batches(
         todo,
@@ -168,63 +298,23 @@ def _run(store, photos, model, options, progress, report) -> None:
         workers=options.workers,
         max_pixels=options.max_pixels,
     ):
-        for f in bad:
-            failed.setdefault(f.path, f)
-            state = states.get(_relative(f.path, photos, store))
-            if state is not None:  # was indexed, now unreadable: it cannot be served any more
-                store.db.write(deletes=[state[0]])
-                if index is not None:
-                    index.remove(np.array([state[0]]))
-        upserts, touches = [], []
+        committer.fail(bad, [_relative(f.path, photos, store) for f in bad])
+        keep = []
         for im in ok:
             rel = _relative(im.path, photos, store)
-            state, k = states.get(rel), kind[rel]
-            if k == "maybe" and state[3] == im.sha256:
-                k = "unchanged" if state[4] == serial and rel not in no_phash else "stale"
-                touches.append((state[0], os.stat(im.path).st_mtime, im.nbytes))
-                if k == "unchanged":
-                    report.unchanged += 1
-                    continue
-            elif k == "maybe":
-                k = "updated"
-            upserts.append((im, rel, k))
-        if upserts:
+            st = os.stat(im.path)
+            k = committer.triage(rel, im.sha256, st.st_mtime, im.nbytes)
+            if k is not None:
+                keep.append((im, rel, k))
+        vectors = []
+        if keep:
             t0 = time.perf_counter()
-            vectors = embedder(np.stack([im.pixels for im, _, _ in upserts]))
-            embed_time += time.perf_counter() - t0
-            records = [_record(im, rel) for im, rel, _ in upserts]
-            ids = store.db.write(zip(records, vectors), touches=touches, model=serial)
-            if index is not None:
-                index.remove(np.array(ids))  # replaced rows keep their id
-                index.add(vectors, np.array(ids))
-            for _, _, k in upserts:
-                if k == "added":
-                    report.added += 1
-                elif k == "updated":
-                    report.updated += 1
-                else:
-                    report.reembedded += 1
-                    report.unchanged += 1
-        elif touches:
-            store.db.write(touches=touches)
+            vectors = embedder(np.stack([im.pixels for im, _, _ in keep]))
+            committer.report.embed_seconds += time.perf_counter() - t0
+        committer.commit([(_record(im, rel), v, k) for (im, rel, k), v in zip(keep, vectors)])
         done += len(ok) + len(bad)
         progress("embed", done, len(todo))
-    report.embed_seconds = embed_time
-
-    count = len(store.db)
-    if index is None or index.index_type != resolve_index_type(requested, count):
-        store.rebuild_index(requested)
-    else:
-        store.info["index_type_requested"] = requested
-        store.save_index()
-    report.images = count
-    report.failed = sorted(failed.values(), key=lambda f: str(f.path))
-    if report.trained:  # the cosine scale of duplicates is the model's: measure it again
-        from .calibrate import calibrate_store
-
-        progress("calibrate", 0, 1)
-        calibrate_store(store, embedder)
-        progress("calibrate", 1, 1)
+    return embedder
 
 
 def _record(im: DecodedImage, rel: str) -> ImageRecord:

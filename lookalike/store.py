@@ -263,6 +263,13 @@ class Store:
             self.save_index()
             return knn
 
+    def set_index(self, knn: KnnIndex, index_type: str = "auto") -> None:
+        """Serve and save an index built elsewhere (lookalike.scale) from this table's rows."""
+        with self.lock:
+            self._index = knn
+            self.info["index_type_requested"] = index_type
+            self.save_index()
+
     def save_index(self) -> None:
         """Persist the index and the info file that vouches for it."""
         with self.lock:

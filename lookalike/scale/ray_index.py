@@ -1,0 +1,425 @@
+"""`lookalike index --ray`: decode and embed on a Ray cluster, build a big index in parallel.
+
+The driver (this process) scans the folder, trains the model on a bounded sample exactly as
+without Ray, and ships the encoder and whitening to the cluster once (one object in Ray's
+store). Ray Data then runs two stages over the list of files to do:
+
+1. ``map_batches(decode_batch)`` as tasks: read, hash, decode and pHash each file, the same
+   function the single-process path uses; unreadable files become rows with an error;
+2. ``map_batches(EmbedActor)`` on a pool of actors, each loading the encoder once and embedding
+   whole batches.
+
+Results come back to the driver in collection order and are written to shard files in the
+store (lookalike.scale.shards), which are merged into the table and deleted once the job is
+done. An interrupted job resumes from its shards. Above the exact-index threshold, the IVF
+index is trained on a sample here and filled chunk by chunk by Ray tasks, then merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import IndexOptions, ModelConfig, RayOptions
+from ..errors import InvalidArgumentError
+from ..images import FailedImage
+from ..index.meta import ImageRecord
+from .shards import COLUMNS, ShardDir
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS = 512  # files per Ray Data block of the input list
+RECALL_QUERIES = 1000  # stored vectors used as queries to measure an IVF index's recall@10
+MODEL_FILES = ("config.json", "encoder.keras", "whitening.npz")
+
+
+def import_ray():
+    """Import Ray, or explain how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise InvalidArgumentError(
+            'Ray is not installed; install the extra with: pip install "lookalike[ray]"'
+        ) from None
+    return ray
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once, with a clear message, when nothing listens at a host:port address (Ray
+    itself retries for minutes). "auto" and other forms are left to Ray."""
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
+            "`ray start --head` or leave ADDRESS out to run a local one"
+        ) from None
+
+
+@contextmanager
+def ray_session(opts: RayOptions) -> Iterator[Any]:
+    """Connect to (or start) Ray for one run; a session this run started is shut down after."""
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        address = None if opts.address in ("", "local") else opts.address
+        if address is not None:
+            check_reachable(address)
+        kwargs: dict[str, Any] = dict(
+            address=address or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise InvalidArgumentError(
+                f"cannot reach a Ray cluster at {opts.address}: {exc}"
+            ) from None
+        started = True
+    if not log.isEnabledFor(logging.INFO):  # Ray Data logs every execution at INFO
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # shards come back in collection order
+        ctx.enable_progress_bars = False  # lookalike draws its own
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def pool_size(cpus: float, workers: int | None = None) -> tuple[int, float, int]:
+    """(actors, CPUs per actor, TensorFlow threads per actor) for a cluster of ``cpus`` CPUs.
+
+    The actors together ask for at most cpus - 1, so at least one CPU is always left for the
+    decoding tasks: with 2 CPUs and two 1-CPU actors, Ray Data starves the reading stage and the
+    job never starts (seen with ray 2.60). Fractional CPUs let two actors share one CPU.
+    """
+    cpus = max(1.0, float(cpus))
+    n = workers if workers is not None else max(1, int(cpus) - 1)
+    if n < 1:
+        raise InvalidArgumentError(f"--ray-workers must be at least 1, got {n}")
+    per_actor = max(0.1, min(1.0, (cpus - 1.0) / n)) if cpus > 1 else 0.5 / n
+    threads = max(1, round(cpus / n))
+    return n, round(per_actor, 3), threads
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict:
+    """Ray Data stage 1 (tasks): read, hash, decode and pHash each file of a batch."""
+    from ..images import _decode_or_fail, phash64
+
+    paths = batch["path"]
+    n = len(paths)
+    pixels = np.zeros((n, size, size, 3), np.uint8)
+    out: dict[str, list] = {name: [] for name in COLUMNS if name not in ("pos", "rel")}
+    for i, path in enumerate(paths):
+        im = _decode_or_fail(Path(str(path)), size, max_pixels)
+        if isinstance(im, FailedImage):
+            try:
+                st = os.stat(str(path))
+                fsize, mtime = st.st_size, st.st_mtime
+            except OSError:
+                fsize, mtime = -1, -1.0
+            values = (fsize, mtime, "", 0, 0, 0, im.error)
+        else:
+            pixels[i] = im.pixels
+            mtime = os.stat(str(path)).st_mtime
+            values = (im.nbytes, mtime, im.sha256, im.width, im.height, phash64(im.pixels), "")
+        for name, value in zip(
+            ("size", "mtime", "sha256", "width", "height", "phash", "error"), values
+        ):
+            out[name].append(value)
+    result = {"pos": batch["pos"], "rel": batch["rel"], "pixels": pixels}
+    result.update({name: np.asarray(v, dtype=COLUMNS[name]) for name, v in out.items()})
+    return result
+
+
+class EmbedActor:
+    """Ray Data stage 2 (actors): loads the encoder once, embeds whole batches."""
+
+    def __init__(self, model_ref: list, threads: int):
+        import ray
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        from ..encoder.embed import Embedder
+
+        files: dict[str, bytes] = ray.get(model_ref[0])
+        with tempfile.TemporaryDirectory(prefix="lookalike-model-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            cfg = ModelConfig.from_dict(__import__("json").loads(files["config.json"]))
+            self.embedder = Embedder.load(
+                Path(tmp) / "encoder.keras", Path(tmp) / "whitening.npz", cfg
+            )
+        self.dim = self.embedder.dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray(batch["error"]) == ""
+        embedding = np.zeros((len(ok), self.dim), np.float32)
+        if ok.any():
+            embedding[ok] = self.embedder(np.asarray(batch["pixels"])[ok])
+        out = {name: batch[name] for name in COLUMNS}
+        out["embedding"] = embedding
+        return out
+
+
+def _model_files(store) -> dict[str, bytes]:
+    return {name: (store.model_dir / name).read_bytes() for name in MODEL_FILES}
+
+
+def embed_on_ray(
+    store,
+    photos: Path,
+    plan,
+    committer,
+    cfg: ModelConfig,
+    options: IndexOptions,
+    opts: RayOptions,
+    progress,
+) -> None:
+    """Embed plan.todo on the cluster through shard files, then merge them into the table."""
+    import ray
+
+    from ..indexer import _relative
+
+    shards = ShardDir(store.root / "shards", store.model_serial, store.dim)
+    # the files' current (size, mtime): a shard row counts only if its file is unchanged since
+    current: dict[str, tuple[int, float]] = {}
+    items: list[tuple[int, str, str]] = []
+    covered = shards.covered()
+    for pos, path in enumerate(plan.todo):
+        rel = _relative(path, photos, store)
+        try:
+            st = path.stat()
+            key = (st.st_size, st.st_mtime)
+        except OSError:
+            key = (-1, -1.0)
+        current[rel] = key
+        if (rel, *key) not in covered:
+            items.append((pos, rel, str(path)))
+    total = len(plan.todo)
+    resumed = total - len(items)
+    committer.report.resumed = resumed
+    progress("embed", resumed, total)
+
+    if items:
+        started = time.perf_counter()
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        n, per_actor, threads = pool_size(cpus, opts.workers)
+        log.info(
+            "ray: %s CPUs, %d embedding actors at %s CPU, %d TF threads",
+            cpus,
+            n,
+            per_actor,
+            threads,
+        )
+        committer.report.ray = {
+            "cpus": cpus,
+            "actors": n,
+            "actor_cpus": per_actor,
+            "embedded": len(items),
+        }
+        model_ref = ray.put(_model_files(store))
+        import pyarrow as pa
+
+        rows = max(opts.batch_size, min(BLOCK_ROWS, opts.shard_rows))
+        tables = [
+            pa.table(
+                {
+                    "pos": [i[0] for i in items[s : s + rows]],
+                    "rel": [i[1] for i in items[s : s + rows]],
+                    "path": [i[2] for i in items[s : s + rows]],
+                }
+            )
+            for s in range(0, len(items), rows)
+        ]
+        ds = ray.data.from_arrow(tables)
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"size": cfg.image_size, "max_pixels": options.max_pixels},
+            batch_size=opts.batch_size,
+            batch_format="numpy",
+            num_cpus=1,
+        )
+        ds = ds.map_batches(
+            EmbedActor,
+            fn_constructor_kwargs={"model_ref": [model_ref], "threads": threads},
+            batch_size=opts.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=n),
+            num_cpus=per_actor,
+        )
+        buffer: list[dict[str, np.ndarray]] = []
+        buffered = 0
+        done = resumed
+        for batch in ds.iter_batches(batch_size=opts.batch_size, batch_format="numpy"):
+            buffer.append(batch)
+            buffered += len(batch["pos"])
+            done += len(batch["pos"])
+            if buffered >= opts.shard_rows:
+                shards.write(_concat(buffer))
+                buffer, buffered = [], 0
+            progress("embed", done, total)
+        if buffer:
+            shards.write(_concat(buffer))
+        committer.report.embed_seconds = time.perf_counter() - started
+
+    _merge(shards, current, committer, photos, progress)
+    shards.clear()
+
+
+def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}
+
+
+def _merge(shards: ShardDir, current, committer, photos: Path, progress) -> None:
+    """Write every still-valid shard row into the table, shard by shard (one transaction each)."""
+    store = committer.store
+    total = sum(1 for _ in shards.paths())
+    progress("merge", 0, total)
+    merged: set[str] = set()
+    for number, rows in enumerate(shards.rows(), 1):
+        bad, bad_rels, upserts = [], [], []
+        for i in np.argsort(rows["pos"], kind="stable"):
+            rel = str(rows["rel"][i])
+            key = (int(rows["size"][i]), float(rows["mtime"][i]))
+            if rel in merged or current.get(rel) != key:
+                continue  # merged already, or the file changed since it was embedded
+            merged.add(rel)
+            path = store.file_path(rel)
+            error = str(rows["error"][i])
+            if error:
+                bad.append(FailedImage(path, error))
+                bad_rels.append(rel)
+                continue
+            sha = str(rows["sha256"][i])
+            k = committer.triage(rel, sha, key[1], key[0])
+            if k is None:
+                continue
+            record = ImageRecord(
+                0,
+                rel,
+                key[0],
+                key[1],
+                sha,
+                int(rows["width"][i]),
+                int(rows["height"][i]),
+                phash=int(rows["phash"][i]),
+            )
+            upserts.append((record, rows["embedding"][i], k))
+        committer.fail(bad, bad_rels)
+        committer.commit(upserts)
+        progress("merge", number, total)
+    missing = [rel for rel in current if rel not in merged]
+    if missing:  # a file changed while the job ran: the next run picks it up
+        log.warning("%d files changed during the run; run `lookalike index` again", len(missing))
+
+
+def build_ivf_on_ray(
+    store, requested: str, opts: RayOptions, progress, chunk: int = 50_000
+) -> dict:
+    """Train an IVF index on a sample here, fill it chunk by chunk on the cluster, merge the
+    parts into one index and save it; returns its parameters and measured recall@10."""
+    import faiss
+    import ray
+
+    from ..index.knn import KnnIndex, ivf_params
+
+    started = time.perf_counter()
+    dim, count = store.dim, len(store.db)
+    step = max(1, count // 100_000)
+    train = np.concatenate([v[::step] for _, v in store.db.embeddings(dim)])
+    nlist, nprobe = ivf_params(len(train))
+    if len(train) < 2 * nlist:
+        store.rebuild_index(requested)
+        return {"type": store.info["index_type"]}
+    progress("index", 0, count)
+    base = KnnIndex.empty(dim, "ivf", train).index
+    base.set_direct_map_type(faiss.DirectMap.NoMap)  # parts are merged: no id map until then
+    trained_ref = ray.put(faiss.serialize_index(base))
+    del train
+    in_flight = max(1, opts.index_tasks or int(ray.cluster_resources().get("CPU", 1)))
+
+    @ray.remote(num_cpus=1)
+    def fill(trained: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        part = faiss.deserialize_index(trained)
+        part.add_with_ids(vectors, ids)
+        return faiss.serialize_index(part)
+
+    merged = None
+    pending: list = []
+    done = 0
+
+    def take_one():
+        nonlocal merged, done
+        ref, n = pending.pop(0)
+        part = faiss.deserialize_index(ray.get(ref))
+        if merged is None:
+            merged = part
+        else:
+            merged.merge_from(part, 0)
+        done += n
+        progress("index", done, count)
+
+    for ids, vectors in store.db.embeddings(dim, chunk=chunk):
+        pending.append((fill.remote(trained_ref, ids, vectors), len(ids)))
+        if len(pending) >= in_flight:
+            take_one()  # in order: the merged lists hold ids in table order
+    while pending:
+        take_one()
+    merged.set_direct_map_type(faiss.DirectMap.Hashtable)
+    merged.nprobe = nprobe
+    knn = KnnIndex(merged, "ivf")
+    store.set_index(knn, requested)
+    seconds = time.perf_counter() - started
+    recall = ivf_recall(store, knn)
+    return {
+        "type": "ivf",
+        "nlist": nlist,
+        "nprobe": nprobe,
+        "build_seconds": round(seconds, 3),
+        "recall_at_10": recall,
+        "recall_queries": min(RECALL_QUERIES, count),
+    }
+
+
+def ivf_recall(store, knn, k: int = 10, queries: int = RECALL_QUERIES) -> float:
+    """recall@k of an index against exact search, with stored vectors as queries (streamed)."""
+    import faiss
+
+    dim, count = store.dim, len(store.db)
+    rng = np.random.default_rng(0)
+    picks = set(rng.choice(count, min(queries, count), replace=False).tolist())
+    q, seen = [], 0
+    for _, vectors in store.db.embeddings(dim, chunk=50_000):
+        for j in range(len(vectors)):
+            if seen + j in picks:
+                q.append(vectors[j])
+        seen += len(vectors)
+    q = np.ascontiguousarray(np.stack(q), dtype=np.float32)
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)
+    for ids, vectors in store.db.embeddings(dim, chunk=50_000):
+        scores, idx = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.where(idx >= 0, ids[np.maximum(idx, 0)], -1))
+    heap.finalize()
+    _, approx = knn.search(q, k)
+    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, heap.I))
+    return round(hits / (len(q) * k), 4)
