@@ -101,7 +101,37 @@ def neardup_metrics(vecs: np.ndarray, groups: list[str]) -> dict:
 
 
 # -- embedding variants ----------------------------------------------------------------------
-def level_features(store: Path, paths: list[Path], p: float, flip: bool, scales=(1.0,)):
+def region_gem(m, p: float, grids: int, mode: str = "sum"):
+    """R-MAC-like pooling of a (n, h, w, c) map: GeM over overlapping regions, each unit-norm.
+
+    Grid g (1..grids) has g x g regions of side 2/(g+1) of the map (1: the whole map; 2: four
+    of 2/3; 3: nine of 1/2), each GeM-pooled and L2-normalised; "sum" adds every region (small
+    regions dominate, as in R-MAC), "mean" averages within a grid first (each grid weighs 1).
+    """
+    import tensorflow as tf
+
+    h = int(m.shape[1])
+    xp = tf.maximum(m, 1e-6) ** p
+    total = None
+    for g in range(1, grids + 1):
+        r = max(1, round(h * 2 / (g + 1))) if g > 1 else h
+        st = max(1, (h - r) // (g - 1)) if g > 1 else 1
+        pooled = tf.nn.avg_pool2d(xp, r, st, "VALID") ** (1 / p)
+        v = tf.math.l2_normalize(pooled, axis=-1)
+        v = tf.reduce_sum(v, axis=(1, 2)) if mode == "sum" else tf.reduce_mean(v, axis=(1, 2))
+        total = v if total is None else total + v
+    return tf.math.l2_normalize(total, axis=1)
+
+
+def level_features(
+    store: Path,
+    paths: list[Path],
+    p: float,
+    flip: bool,
+    scales=(1.0,),
+    grids: int = 1,
+    mode: str = "sum",
+):
     """GeM(p)-pooled, L2-normalised features of every encoder level, averaged over flips."""
     import keras
     import tensorflow as tf
@@ -137,12 +167,7 @@ def level_features(store: Path, paths: list[Path], p: float, flip: bool, scales=
         pooled = None
         for v in views:
             maps = sub(v, training=False)
-            feats = [
-                tf.math.l2_normalize(
-                    tf.reduce_mean(tf.maximum(m, 1e-6) ** p, axis=(1, 2)) ** (1 / p), axis=1
-                )
-                for m in maps
-            ]
+            feats = [region_gem(m, p, grids, mode) for m in maps]
             pooled = feats if pooled is None else [a + b for a, b in zip(pooled, feats)]
         return pooled
 
@@ -198,6 +223,8 @@ def embed(name: str, variants: list[str]) -> None:
             alpha=3.0,
             power=0.5,
             scales="1.0",
+            grids=1,
+            mode="sum",
         )
         for kv in spec.split(";") if spec else []:
             k, v = kv.split("=")
@@ -206,12 +233,20 @@ def embed(name: str, variants: list[str]) -> None:
         row = {"name": name, "variant": spec or "default"}
         for set_name, paths, target in (("intel", intel, intel_labels), ("neardup", nd, nd_groups)):
             store = OUT / f"{name}-{set_name}"
-            if not store.exists():
-                continue
+            if not (store / "model" / "config.json").exists():
+                continue  # not trained (yet)
             scales = tuple(float(x) for x in str(opts["scales"]).split(","))
-            key = (set_name, opts["p"], opts["flip"], scales)
+            key = (set_name, opts["p"], opts["flip"], scales, opts["grids"], opts["mode"])
             if key not in cache:
-                cache[key] = level_features(store, paths, opts["p"], bool(opts["flip"]), scales)
+                cache[key] = level_features(
+                    store,
+                    paths,
+                    opts["p"],
+                    bool(opts["flip"]),
+                    scales,
+                    opts["grids"],
+                    opts["mode"],
+                )
             f = np.concatenate([cache[key][lv] for lv in levels], axis=1)
             e = (
                 whiten(f, opts["dim"], opts["shrink"], opts["power"])

@@ -14,7 +14,7 @@ import tensorflow as tf  # noqa: E402
 from ..config import ModelConfig
 from .augment import augment  # noqa: E402
 from .embed import Embedder, Whitening, fit_whitening  # noqa: E402
-from .model import build_autoencoder
+from .model import NORM_EPS, build_autoencoder, normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def train_autoencoder(
         inputs = augment(clean, seed, cfg) if cfg.augment else clean
         with tf.GradientTape() as tape:
             recon = autoencoder(inputs, training=True)
-            loss = tf.reduce_mean(tf.square(recon - clean / 255.0))
+            loss = tf.reduce_mean(tf.square(recon - normalize_pixels(clean, cfg.input_norm)))
         grads = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
@@ -84,7 +84,8 @@ def train_autoencoder(
     def val_step(batch):
         clean = tf.cast(batch, tf.float32)
         recon = autoencoder(clean, training=False)
-        return tf.reduce_sum(tf.reduce_mean(tf.square(recon - clean / 255.0), axis=(1, 2, 3)))
+        target = normalize_pixels(clean, cfg.input_norm)
+        return tf.reduce_sum(tf.reduce_mean(tf.square(recon - target), axis=(1, 2, 3)))
 
     def val_loss() -> float:
         total = 0.0
@@ -131,8 +132,19 @@ def train_autoencoder(
     if progress:
         progress("whitening", 1, 1)
     preview_src = pixels[val_idx[:8]]
-    preview = _preview(preview_src, autoencoder(tf.cast(preview_src, tf.float32), training=False))
+    recon = np.asarray(autoencoder(tf.cast(preview_src, tf.float32), training=False))
+    if cfg.input_norm != "unit":  # back to [0, 1] with each original's own statistics
+        recon = _destandardize(recon, preview_src.astype(np.float32) / 255.0, cfg.input_norm)
+    preview = _preview(preview_src, recon)
     return TrainResult(encoder, decoder, whitening, history, preview)
+
+
+def _destandardize(recon: np.ndarray, src: np.ndarray, mode: str) -> np.ndarray:
+    """Undo :func:`normalize_pixels` on recon with the statistics of src (in [0, 1])."""
+    axes = (1, 2, 3) if mode == "image" else (1, 2)
+    mean = src.mean(axis=axes, keepdims=True)
+    std = np.sqrt(src.var(axis=axes, keepdims=True) + NORM_EPS**2)
+    return recon * std + mean
 
 
 def _preview(originals: np.ndarray, recon) -> np.ndarray:

@@ -124,3 +124,82 @@ def test_encoder_round_trips_through_keras_save_load(tmp_path):
     a, b = encoder(x, training=False), loaded(x, training=False)
     for key in ("code", "features"):
         np.testing.assert_allclose(np.asarray(b[key]), np.asarray(a[key]), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_old_config_without_new_fields_reproduces_the_old_model():
+    from lookalike.config import ModelConfig
+
+    old = {k: v for k, v in TINY.to_dict().items()}
+    for key in ("input_norm", "decoder_filters", "pool_grids"):
+        old.pop(key)
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.input_norm == "unit" and cfg.decoder_filters is None and cfg.pool_grids == 1
+    encoder, decoder, _ = build_autoencoder(cfg)
+    names = {layer.name for layer in encoder.layers}
+    assert "rescale" in names and "gem4" in names and "standardize" not in names
+    assert decoder.get_layer("reconstruction").activation.__name__ == "sigmoid"
+
+
+@pytest.mark.parametrize("mode", ["image", "channel"])
+def test_standardised_input_ignores_brightness_and_contrast(mode):
+    encoder = build_encoder(TINY.replace(input_norm=mode))
+    x = _pixels(2) * 0.5 + 40.0
+    a = np.asarray(encoder(x, training=False)["features"])
+    b = np.asarray(encoder(x * 1.3 + 20.0, training=False)["features"])
+    np.testing.assert_allclose(a, b, atol=2e-3)
+    decoder = build_decoder(TINY.replace(input_norm=mode))
+    assert decoder.get_layer("reconstruction").activation.__name__ == "linear"
+
+
+def test_normalize_pixels_modes():
+    from lookalike.encoder.model import normalize_pixels
+
+    x = _pixels(2)
+    np.testing.assert_allclose(np.asarray(normalize_pixels(x, "unit")), x / 255.0, rtol=1e-6)
+    z = np.asarray(normalize_pixels(x, "image"))
+    np.testing.assert_allclose(z.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=(1, 2, 3)), 1, atol=0.01)
+    z = np.asarray(normalize_pixels(x, "channel"))
+    np.testing.assert_allclose(z.mean(axis=(1, 2)), 0, atol=1e-5)
+    with pytest.raises(ValueError, match="input_norm"):
+        normalize_pixels(x, "nope")
+
+
+def test_decoder_filters_can_differ_from_the_encoder():
+    cfg = TINY.replace(filters=(8, 16, 24, 32), decoder_filters=(8, 8, 16, 16))
+    encoder, decoder, autoencoder = build_autoencoder(cfg)
+    assert decoder.get_layer("up1").filters == 8 and decoder.get_layer("up4").filters == 16
+    assert tuple(autoencoder(_pixels(1), training=False).shape) == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="decoder_filters"):
+        build_decoder(cfg.replace(decoder_filters=(8, 8)))
+
+
+def test_regional_gem_sums_unit_gems_of_overlapping_regions():
+    from lookalike.encoder.model import RegionalGeM
+
+    x = np.random.default_rng(2).uniform(0.1, 2.0, (2, 8, 8, 3)).astype(np.float32)
+
+    def unit_gem(m):
+        g = np.mean(m**3, axis=(1, 2)) ** (1 / 3)
+        return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+    np.testing.assert_allclose(np.asarray(RegionalGeM(p=3.0, grids=1)(x)), unit_gem(x), rtol=1e-5)
+    # grid 2 on an 8x8 map: four 5x5 regions at offsets 0 and 3, averaged
+    quads = [x[:, i : i + 5, j : j + 5] for i in (0, 3) for j in (0, 3)]
+    expected = unit_gem(x) + np.mean([unit_gem(q) for q in quads], axis=0)
+    np.testing.assert_allclose(np.asarray(RegionalGeM(p=3.0, grids=2)(x)), expected, rtol=1e-4)
+
+
+def test_regional_encoder_round_trips_and_pools_every_level(tmp_path):
+    cfg = TINY.replace(pool_grids=3, input_norm="image")
+    encoder = build_encoder(cfg)
+    assert "rgem2" in {layer.name for layer in encoder.layers}
+    path = tmp_path / "encoder.keras"
+    encoder.save(path)
+    loaded = keras.models.load_model(path, compile=False)
+    x = _pixels(2)
+    a, b = encoder(x, training=False), loaded(x, training=False)
+    np.testing.assert_allclose(np.asarray(b["features"]), np.asarray(a["features"]), atol=1e-6)
