@@ -37,6 +37,9 @@ from .shards import COLUMNS, ShardDir
 
 log = logging.getLogger(__name__)
 
+# CPUs asked by each decoding task: differs from the actors' so Ray Data does not fuse decoding
+# into the actors (decoding then overlaps embedding, on the CPU the pool leaves free)
+DECODE_CPUS = 0.5
 BLOCK_ROWS = 512  # files per Ray Data block of the input list
 RECALL_QUERIES = 1000  # stored vectors used as queries to measure an IVF index's recall@10
 MODEL_FILES = ("config.json", "encoder.keras", "whitening.npz")
@@ -257,7 +260,7 @@ def embed_on_ray(
             fn_kwargs={"size": cfg.image_size, "max_pixels": options.max_pixels},
             batch_size=opts.batch_size,
             batch_format="numpy",
-            num_cpus=1,
+            num_cpus=DECODE_CPUS,
         )
         ds = ds.map_batches(
             EmbedActor,
@@ -333,12 +336,60 @@ def _merge(shards: ShardDir, current, committer, photos: Path, progress) -> None
         log.warning("%d files changed during the run; run `lookalike index` again", len(missing))
 
 
+def fill_ivf_on_ray(trained, chunks, in_flight: int, progress=None):
+    """Fill a trained, empty faiss IVF index from (ids, vectors) chunks on Ray tasks.
+
+    Each task adds one chunk to a copy of the trained index and sends the part back; parts are
+    merged here in chunk order (so every inverted list holds its ids in the chunks' order, as
+    one sequential add would). At most ``in_flight`` chunks are out at once, so memory stays
+    bounded by the index itself plus that many parts.
+    """
+    import faiss
+    import ray
+
+    trained.set_direct_map_type(faiss.DirectMap.NoMap)  # parts merge only without an id map
+    trained_ref = ray.put(faiss.serialize_index(trained))
+
+    @ray.remote(num_cpus=1)
+    def fill(trained: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        part = faiss.deserialize_index(trained)
+        part.add_with_ids(vectors, ids)
+        return faiss.serialize_index(part)
+
+    merged = None
+    pending: list = []
+    done = 0
+
+    def take_one() -> None:
+        nonlocal merged, done
+        ref, n = pending.pop(0)
+        part = faiss.deserialize_index(ray.get(ref))
+        if merged is None:
+            merged = part
+        else:
+            merged.merge_from(part, 0)
+        done += n
+        if progress:
+            progress(done)
+
+    for ids, vectors in chunks:
+        pending.append((fill.remote(trained_ref, ids, vectors), len(ids)))
+        if len(pending) >= in_flight:
+            take_one()
+    while pending:
+        take_one()
+    if merged is None:
+        merged = faiss.deserialize_index(ray.get(trained_ref))
+    merged.set_direct_map_type(faiss.DirectMap.Hashtable)
+    merged.nprobe = trained.nprobe
+    return merged
+
+
 def build_ivf_on_ray(
     store, requested: str, opts: RayOptions, progress, chunk: int = 50_000
 ) -> dict:
     """Train an IVF index on a sample here, fill it chunk by chunk on the cluster, merge the
     parts into one index and save it; returns its parameters and measured recall@10."""
-    import faiss
     import ray
 
     from ..index.knn import KnnIndex, ivf_params
@@ -352,51 +403,24 @@ def build_ivf_on_ray(
         store.rebuild_index(requested)
         return {"type": store.info["index_type"]}
     progress("index", 0, count)
-    base = KnnIndex.empty(dim, "ivf", train).index
-    base.set_direct_map_type(faiss.DirectMap.NoMap)  # parts are merged: no id map until then
-    trained_ref = ray.put(faiss.serialize_index(base))
+    trained = KnnIndex.empty(dim, "ivf", train).index
     del train
     in_flight = max(1, opts.index_tasks or int(ray.cluster_resources().get("CPU", 1)))
-
-    @ray.remote(num_cpus=1)
-    def fill(trained: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-        part = faiss.deserialize_index(trained)
-        part.add_with_ids(vectors, ids)
-        return faiss.serialize_index(part)
-
-    merged = None
-    pending: list = []
-    done = 0
-
-    def take_one():
-        nonlocal merged, done
-        ref, n = pending.pop(0)
-        part = faiss.deserialize_index(ray.get(ref))
-        if merged is None:
-            merged = part
-        else:
-            merged.merge_from(part, 0)
-        done += n
-        progress("index", done, count)
-
-    for ids, vectors in store.db.embeddings(dim, chunk=chunk):
-        pending.append((fill.remote(trained_ref, ids, vectors), len(ids)))
-        if len(pending) >= in_flight:
-            take_one()  # in order: the merged lists hold ids in table order
-    while pending:
-        take_one()
-    merged.set_direct_map_type(faiss.DirectMap.Hashtable)
-    merged.nprobe = nprobe
+    merged = fill_ivf_on_ray(
+        trained,
+        store.db.embeddings(dim, chunk=chunk),
+        in_flight,
+        lambda done: progress("index", done, count),
+    )
     knn = KnnIndex(merged, "ivf")
     store.set_index(knn, requested)
     seconds = time.perf_counter() - started
-    recall = ivf_recall(store, knn)
     return {
         "type": "ivf",
         "nlist": nlist,
         "nprobe": nprobe,
         "build_seconds": round(seconds, 3),
-        "recall_at_10": recall,
+        "recall_at_10": ivf_recall(store, knn),
         "recall_queries": min(RECALL_QUERIES, count),
     }
 
