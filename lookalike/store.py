@@ -30,7 +30,7 @@ import numpy as np
 from . import __version__
 from .config import ModelConfig
 from .errors import StoreNotFoundError, StoreNotTrainedError, StoreVersionError
-from .index.knn import KnnIndex, ivf_params, resolve_index_type
+from .index.knn import KnnIndex, ivf_params, resolve_index_type, tune_nprobe
 from .index.meta import MetaDB
 
 if TYPE_CHECKING:
@@ -258,6 +258,9 @@ class Store:
             knn = KnnIndex.empty(self.dim, kind, train)
             for ids, vecs in self.db.embeddings(self.dim):
                 knn.add(vecs, ids)
+            self.info.pop("ivf", None)
+            if kind == "ivf":  # probe as few lists as keep recall@10 at the target
+                self.info["ivf"] = tune_nprobe(knn, lambda: self.db.embeddings(self.dim), count)
             self._index = knn
             self.info["index_type_requested"] = index_type
             self.save_index()

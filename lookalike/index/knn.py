@@ -132,3 +132,82 @@ class KnnIndex:
     @classmethod
     def load(cls, path: Path, index_type: str) -> KnnIndex:
         return cls(faiss.read_index(str(path)), index_type)
+
+
+# An IVF index probes the fewest lists that keep this recall@10 against exact search.
+TARGET_RECALL = 0.98
+NPROBE_SWEEP = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def exact_neighbours(queries: np.ndarray, chunks, k: int) -> np.ndarray:
+    """Ids of the exact top-k inner-product neighbours of queries among (ids, vectors) chunks,
+    streamed: only one chunk is in memory at a time."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for ids, vectors in chunks:
+        kk = min(k, len(vectors))
+        scores, idx = faiss.knn(queries, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        if kk < k:  # pad a short chunk
+            pad = k - kk
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+        heap.add_result(scores, np.where(idx >= 0, ids[np.maximum(idx, 0)], -1))
+    heap.finalize()
+    return heap.I
+
+
+def _recall_without_self(found: np.ndarray, truth: np.ndarray, self_ids: np.ndarray, k: int):
+    """recall@k of found against truth, each row's own id (the query is a stored vector) left
+    out of both lists."""
+    hits = 0
+    for f, t, s in zip(found, truth, self_ids):
+        f = [i for i in f.tolist() if i != s and i >= 0][:k]
+        t = [i for i in t.tolist() if i != s and i >= 0][:k]
+        hits += len(set(f) & set(t))
+    return hits / (len(truth) * k)
+
+
+def tune_nprobe(
+    knn: KnnIndex,
+    chunks_fn,
+    count: int,
+    queries: int = 1000,
+    k: int = 10,
+    target: float = TARGET_RECALL,
+    seed: int = 0,
+) -> dict:
+    """Measure an IVF index against exact search and set the smallest nprobe that reaches
+    ``target`` recall@k (the way autofaiss tunes its search parameters).
+
+    The queries are ``queries`` stored vectors drawn at random; each one's own vector is left
+    out of both answers. ``chunks_fn()`` yields (ids, vectors) chunks of everything stored (it
+    is read twice). Returns {"nprobe", "recall_at_10", "queries", "sweep": {nprobe: recall}}.
+    """
+    index = faiss.extract_index_ivf(knn.index)
+    picks = np.sort(np.random.default_rng(seed).choice(count, min(queries, count), replace=False))
+    q, qids, seen, p = [], [], 0, 0
+    for ids, vectors in chunks_fn():
+        while p < len(picks) and picks[p] < seen + len(ids):
+            q.append(vectors[picks[p] - seen])
+            qids.append(ids[picks[p] - seen])
+            p += 1
+        seen += len(ids)
+    xq = np.ascontiguousarray(np.stack(q), dtype=np.float32)
+    qids = np.array(qids)
+    truth = exact_neighbours(xq, chunks_fn(), k + 1)
+    sweep: dict[int, float] = {}
+    chosen = index.nlist
+    for nprobe in [n for n in NPROBE_SWEEP if n < index.nlist] + [index.nlist]:
+        index.nprobe = nprobe
+        _, found = knn.search(xq, k + 1)
+        sweep[nprobe] = round(_recall_without_self(found, truth, qids, k), 4)
+        if sweep[nprobe] >= target:
+            chosen = nprobe
+            break
+    index.nprobe = chosen
+    return {
+        "nprobe": chosen,
+        "recall_at_10": sweep[chosen],
+        "queries": len(xq),
+        "target": target,
+        "sweep": sweep,
+    }

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 # into the actors (decoding then overlaps embedding, on the CPU the pool leaves free)
 DECODE_CPUS = 0.5
 BLOCK_ROWS = 512  # files per Ray Data block of the input list
-RECALL_QUERIES = 1000  # stored vectors used as queries to measure an IVF index's recall@10
 MODEL_FILES = ("config.json", "encoder.keras", "whitening.npz")
 
 
@@ -392,13 +391,13 @@ def build_ivf_on_ray(
     parts into one index and save it; returns its parameters and measured recall@10."""
     import ray
 
-    from ..index.knn import KnnIndex, ivf_params
+    from ..index.knn import KnnIndex, ivf_params, tune_nprobe
 
     started = time.perf_counter()
     dim, count = store.dim, len(store.db)
     step = max(1, count // 100_000)
     train = np.concatenate([v[::step] for _, v in store.db.embeddings(dim)])
-    nlist, nprobe = ivf_params(len(train))
+    nlist, _ = ivf_params(len(train))
     if len(train) < 2 * nlist:
         store.rebuild_index(requested)
         return {"type": store.info["index_type"]}
@@ -413,37 +412,14 @@ def build_ivf_on_ray(
         lambda done: progress("index", done, count),
     )
     knn = KnnIndex(merged, "ivf")
+    built = time.perf_counter() - started
+    tuned = tune_nprobe(knn, lambda: store.db.embeddings(dim, chunk=chunk), count)
+    store.info["ivf"] = tuned
     store.set_index(knn, requested)
-    seconds = time.perf_counter() - started
     return {
         "type": "ivf",
         "nlist": nlist,
-        "nprobe": nprobe,
-        "build_seconds": round(seconds, 3),
-        "recall_at_10": ivf_recall(store, knn),
-        "recall_queries": min(RECALL_QUERIES, count),
+        "build_seconds": round(built, 3),
+        "tune_seconds": round(time.perf_counter() - started - built, 3),
+        **tuned,
     }
-
-
-def ivf_recall(store, knn, k: int = 10, queries: int = RECALL_QUERIES) -> float:
-    """recall@k of an index against exact search, with stored vectors as queries (streamed)."""
-    import faiss
-
-    dim, count = store.dim, len(store.db)
-    rng = np.random.default_rng(0)
-    picks = set(rng.choice(count, min(queries, count), replace=False).tolist())
-    q, seen = [], 0
-    for _, vectors in store.db.embeddings(dim, chunk=50_000):
-        for j in range(len(vectors)):
-            if seen + j in picks:
-                q.append(vectors[j])
-        seen += len(vectors)
-    q = np.ascontiguousarray(np.stack(q), dtype=np.float32)
-    heap = faiss.ResultHeap(len(q), k, keep_max=True)
-    for ids, vectors in store.db.embeddings(dim, chunk=50_000):
-        scores, idx = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(scores, np.where(idx >= 0, ids[np.maximum(idx, 0)], -1))
-    heap.finalize()
-    _, approx = knn.search(q, k)
-    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, heap.I))
-    return round(hits / (len(q) * k), 4)

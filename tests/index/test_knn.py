@@ -8,10 +8,13 @@ import pytest
 from lookalike.errors import InvalidArgumentError
 from lookalike.index.knn import (
     AUTO_IVF_THRESHOLD,
+    NPROBE_SWEEP,
     KnnIndex,
     as_vectors,
+    exact_neighbours,
     ivf_params,
     resolve_index_type,
+    tune_nprobe,
 )
 
 
@@ -117,6 +120,40 @@ def test_ivf_recall_at_10_against_exact():
     _, exact = flat.search(queries, 10)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
     assert recall >= 0.95, f"IVF recall@10 = {recall:.3f}"
+
+
+def test_exact_neighbours_streamed_over_chunks_equals_brute_force():
+    data = random_unit(1000, 16, seed=3)
+    ids = np.arange(1000, dtype=np.int64) * 7
+    queries = random_unit(20, 16, seed=4)
+    chunks = [(ids[s : s + 130], data[s : s + 130]) for s in range(0, 1000, 130)]
+    _, expected = brute_force(data, ids, queries, 10)
+    np.testing.assert_array_equal(exact_neighbours(queries, chunks, 10), expected)
+
+
+def test_tune_nprobe_picks_the_fewest_lists_that_reach_the_target():
+    dim = 32
+    data = clustered(20_000, dim, 200, seed=5)
+    ids = np.arange(len(data), dtype=np.int64) + 1
+    ivf = KnnIndex.build(dim, "ivf", data, ids)
+    chunks = lambda: ((ids[s : s + 3000], data[s : s + 3000]) for s in range(0, len(data), 3000))  # noqa: E731
+    tuned = tune_nprobe(ivf, chunks, len(data), queries=300, target=0.95)
+    nprobe = tuned["nprobe"]
+    assert ivf.index.nprobe == nprobe and tuned["queries"] == 300
+    assert tuned["recall_at_10"] >= 0.95
+    tried = list(tuned["sweep"])
+    assert tried[-1] == nprobe and all(tuned["sweep"][n] < 0.95 for n in tried[:-1])
+    assert nprobe in NPROBE_SWEEP or nprobe == ivf.index.nlist
+    # recall measured independently at the chosen nprobe, self left out, agrees
+    rng = np.random.default_rng(0)
+    picks = np.sort(rng.choice(len(data), 300, replace=False))
+    _, exact = brute_force(data, ids, data[picks], 11)
+    _, approx = ivf.search(data[picks], 11)
+    hits = sum(
+        len(set(a[a != ids[p]][:10]) & set(e[e != ids[p]][:10]))
+        for a, e, p in zip(approx, exact, picks)
+    )
+    assert abs(hits / 3000 - tuned["recall_at_10"]) <= 5e-5  # reported to 4 decimals
 
 
 def test_ivf_needs_enough_training_vectors():
