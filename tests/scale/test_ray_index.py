@@ -146,6 +146,52 @@ def test_interrupted_job_resumes_from_its_shards(
     assert not (out / "shards").exists()
 
 
+KILL_AFTER_TWO_SHARDS = """
+import os, signal, sys
+from pathlib import Path
+import ray
+from lookalike.config import RayOptions
+from lookalike.indexer import index_folder
+
+photos, store, address = sys.argv[1:4]
+ray.init(address=address, log_to_driver=False)
+
+def progress(stage, done, total):
+    if stage == "embed" and len(list(Path(store, "shards").glob("shard-*.npz"))) >= 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no cleanup of any kind
+
+index_folder(photos, store, ray=RayOptions(batch_size=8, shard_rows=8), progress=progress)
+"""
+
+
+def test_driver_killed_with_sigkill_resumes(local_ray, tmp_path, tiny_store, collection, single):
+    """A driver killed with SIGKILL mid-job leaves a store that opens; the next run embeds only
+    what the shards lack."""
+    out = clone_model(tiny_store, tmp_path / "ray")
+    address = ray.get_runtime_context().gcs_address
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_TWO_SHARDS, str(collection), str(out), address],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == -9, result.stderr[-2000:]
+    shards = sorted((out / "shards").glob("shard-*.npz"))
+    assert len(shards) >= 2
+    in_shards = 0
+    for path in shards:
+        with np.load(path) as z:
+            in_shards += len(z["pos"])
+    with Store.open(out) as st:  # the store opens; nothing half-written is visible
+        assert len(st.db) == 0
+
+    report = index_folder(collection, out, ray=SMALL)
+    assert report.resumed == in_shards
+    assert report.ray["embedded"] == 44 - in_shards
+    assert failed(report) == failed(single[1])
+    assert_same_tables(single[0], out)
+
+
 def test_shards_of_changed_files_are_not_used(local_ray, tmp_path, tiny_store, collection):
     photos = tmp_path / "photos"
     shutil.copytree(collection, photos)
