@@ -237,6 +237,9 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
                 "embedding_dim": st.info.get("embedding_dim"),
                 "metric": st.info.get("metric"),
                 "index_type": st.info.get("index_type"),
+                "ivf": {k: v for k, v in st.info["ivf"].items() if k != "sweep"}
+                if st.info.get("index_type") == "ivf" and st.info.get("ivf")
+                else None,
                 "image_size": st.info.get("image_size"),
                 "train_loss": training["loss"][training["best_epoch"] - 1] if training else None,
                 "val_loss": training.get("best_val_loss"),
@@ -255,6 +258,13 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         elif key == "disk_bytes":
             value = f"{value / 1e6:.1f} MB"
+        elif key == "ivf":
+            if value is None:
+                continue
+            value = (
+                f"nprobe {value['nprobe']}: recall@10 {value['recall_at_10']:.3f} against exact "
+                f"search ({value['queries']} stored vectors)"
+            )
         elif isinstance(value, float):
             value = f"{value:.5f}"
         table.add_row(key, str(value))

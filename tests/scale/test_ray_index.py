@@ -289,6 +289,13 @@ def test_ivf_built_in_parts_on_ray_matches_one_build(local_ray, tmp_path):
     np.testing.assert_allclose(sa, sb, atol=1e-5)
     # reopened from disk, incremental changes work on it
     ray_store.close()
+    from typer.testing import CliRunner
+
+    from lookalike.cli import app
+
+    shown = CliRunner().invoke(app, ["info", "--store", str(tmp_path / "ray"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["ivf"]["nprobe"] == info["nprobe"]
     with Store.open(tmp_path / "ray") as st:
         assert st.index.index_type == "ivf" and len(st.index) == n
         assert st.remove_images([1, 2, 3]) == 3
