@@ -197,7 +197,11 @@ class Committer:
         (same bytes under a new mtime: only the file facts are updated)."""
         state, k = self.plan.states.get(rel), self.plan.kind[rel]
         if k == "maybe" and state[3] == sha256:
-            k = "unchanged" if state[4] == self.serial and rel not in self.plan.no_phash else "stale"
+            k = (
+                "unchanged"
+                if state[4] == self.serial and rel not in self.plan.no_phash
+                else "stale"
+            )
             self._touches.append((state[0], mtime, size))
             if k == "unchanged":
                 self.report.unchanged += 1
