@@ -49,9 +49,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored, lists become tuples."""
+        """Inverse of :meth:`to_dict`; unknown keys are ignored, lists become tuples.
+
+        A complete config saved before a field existed (it has every field of that time) gets
+        the value that reproduces the old model for it (``_LEGACY``), not today's default; a
+        partial dict (``--model-config``) gets today's defaults.
+        """
         names = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
+        if _SAVED_V1_FIELDS <= data.keys():
+            kwargs.update({k: v for k, v in _LEGACY.items() if k not in data})
         for key, value in data.items():
             if key in names:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
@@ -66,6 +73,16 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with the given fields changed (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# Fields of every config saved before the standardised input and regional pooling; a saved
+# config without the newer fields was written by a model that behaves like these values.
+_SAVED_V1_FIELDS = frozenset(
+    "image_size filters code_channels pooled_levels gem_p embedding_dim "
+    "whiten_shrink flip_average augment epochs batch_size learning_rate validation_split "
+    "patience max_train_images seed".split()
+)
+_LEGACY = {"input_norm": "unit", "pool_grids": 1, "decoder_filters": None}
 
 
 @dataclass(frozen=True)

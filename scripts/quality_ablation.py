@@ -114,7 +114,9 @@ def region_gem(m, p: float, grids: int, mode: str = "sum"):
     xp = tf.maximum(m, 1e-6) ** p
     total = None
     for g in range(1, grids + 1):
-        r = max(1, round(h * 2 / (g + 1))) if g > 1 else h
+        r = round(h * 2 / (g + 1)) if g > 1 else h
+        if g > 1 and r < 2:  # as RegionalGeM: no one-cell regions
+            continue
         st = max(1, (h - r) // (g - 1)) if g > 1 else 1
         pooled = tf.nn.avg_pool2d(xp, r, st, "VALID") ** (1 / p)
         v = tf.math.l2_normalize(pooled, axis=-1)

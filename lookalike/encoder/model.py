@@ -37,7 +37,8 @@ class RegionalGeM(layers.Layer):
     Grid g = 1..grids cuts the map into g x g overlapping square regions of about 2/(g+1) of its
     side (1: the whole map; 2: four of 2/3; 3: nine of 1/2). Each region is GeM-pooled and
     L2-normalised, the regions of a grid are averaged, the grids summed, the sum L2-normalised.
-    A crop of a photo then still shares whole regions with the photo's descriptor.
+    A crop of a photo then still shares whole regions with the photo's descriptor. Grids whose
+    regions would be under 2x2 cells (maps of side 2 or 3) are left out.
     """
 
     def __init__(self, p: float = 3.0, grids: int = 3, eps: float = 1e-6, **kwargs):
@@ -51,7 +52,9 @@ class RegionalGeM(layers.Layer):
         xp = ops.power(ops.maximum(x, self.eps), self.p)
         total = None
         for g in range(1, self.grids + 1):
-            size = side if g == 1 else max(1, round(side * 2 / (g + 1)))
+            size = side if g == 1 else round(side * 2 / (g + 1))
+            if g > 1 and size < 2:  # a one-cell "region" is a single activation: noise
+                continue
             stride = 1 if g == 1 else max(1, (side - size) // (g - 1))
             region = ops.power(ops.average_pool(xp, size, stride, "valid"), 1.0 / self.p)
             region = region / ops.maximum(ops.norm(region, axis=-1, keepdims=True), 1e-12)

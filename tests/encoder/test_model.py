@@ -43,7 +43,9 @@ def test_shapes():
     assert tuple(out["features"].shape) == (3, pooled)
     recon = np.asarray(decoder(out["code"], training=False))
     assert recon.shape == (3, TINY.image_size, TINY.image_size, 3)
-    assert recon.min() >= 0.0 and recon.max() <= 1.0  # sigmoid output
+    assert np.all(np.isfinite(recon))  # the standardised image (linear output) by default
+    unit = build_decoder(TINY.replace(input_norm="unit"))(out["code"], training=False)
+    assert np.asarray(unit).min() >= 0.0 and np.asarray(unit).max() <= 1.0  # sigmoid output
     assert tuple(autoencoder(_pixels(3), training=False).shape) == recon.shape
 
 
@@ -143,6 +145,14 @@ def test_old_config_without_new_fields_reproduces_the_old_model():
     assert decoder.get_layer("reconstruction").activation.__name__ == "sigmoid"
 
 
+def test_partial_config_dicts_get_todays_defaults():
+    from lookalike.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({"epochs": 3})
+    assert cfg == ModelConfig(epochs=3)
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
+
+
 @pytest.mark.parametrize("mode", ["image", "channel"])
 def test_standardised_input_ignores_brightness_and_contrast(mode):
     encoder = build_encoder(TINY.replace(input_norm=mode))
@@ -203,3 +213,16 @@ def test_regional_encoder_round_trips_and_pools_every_level(tmp_path):
     x = _pixels(2)
     a, b = encoder(x, training=False), loaded(x, training=False)
     np.testing.assert_allclose(np.asarray(b["features"]), np.asarray(a["features"]), atol=1e-6)
+
+
+def test_regional_gem_leaves_out_one_cell_regions():
+    from lookalike.encoder.model import RegionalGeM
+
+    x = np.random.default_rng(3).uniform(0.1, 2.0, (2, 2, 2, 3)).astype(np.float32)
+    g = np.asarray(GeMPooling(p=3.0)(x))
+    # on a 2x2 map the 2x2 and 3x3 grids would be single cells: only the whole map is pooled
+    np.testing.assert_allclose(
+        np.asarray(RegionalGeM(p=3.0, grids=3)(x)),
+        g / np.linalg.norm(g, axis=1, keepdims=True),
+        rtol=1e-5,
+    )
