@@ -20,6 +20,11 @@ measures it again (docs/dedupe.md gives the method, its validation and its limit
    side of the noise, so steps 3-4 are repeated on RESAMPLES bootstrap resamples of the copies
    and of the sampled photos' neighbour rows, and the threshold is the RESAMPLE_QUANTILE
    quantile of their thresholds (never below the one of the full samples).
+6. Impostors: where the store has few pairs the estimate has no evidence and can fall far
+   below the scores at which an edited copy already matches an unrelated photo; when fewer
+   than MIN_EVIDENCE sampled pair scores lie above it, the threshold is kept above the score
+   where more than IMPOSTOR_RATE of the copies match a photo (among their nearest) that their
+   original does not match at that score.
 
 Imports TensorFlow (through the embedder); lookalike.index never does.
 """
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHOD = "edited-copies-v2"  # v2: the bootstrap of step 5
+METHOD = "edited-copies-v3"  # v2: the bootstrap of step 5; v3: the impostor floor of step 6
 TARGET_PRECISION = 0.95  # the pair precision the default threshold is meant to reach
 # What the estimate above is asked for. It is optimistic: real edits are often harder than the
 # copies, connected components chain pairs, and photos that merely look alike to the model
@@ -64,6 +69,16 @@ GRID = np.round(np.arange(1.0, 0.2999, -0.0025), 4)  # thresholds tried, high to
 # seeds in six fell below 0.95; with the 0.9 quantile of 40 resamples none did (docs/dedupe.md).
 RESAMPLES = 40
 RESAMPLE_QUANTILE = 0.9
+# Step 6. The estimate of steps 3-4 has no evidence where the store has (almost) no pairs: on a
+# small collection it can fall far below the scores at which an edited copy already matches an
+# unrelated photo. The threshold is kept above the score where more than IMPOSTOR_RATE of the
+# copies match one of their IMPOSTORS nearest other photos that their original does not.
+IMPOSTORS = 10
+IMPOSTOR_RATE = 0.01
+# The floor applies only where the estimate rests on fewer sampled pair scores than this: in a
+# collection full of near-duplicates, a copy also matches its original's other copies, which
+# the floor would count as impostors (on intel_neardup it raised 0.9725 to 0.985).
+MIN_EVIDENCE = 20
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,7 @@ class Calibration:
     photos: int
     seconds: float
     point_threshold: float | None = None  # steps 1-4 on the full samples, before resampling
+    impostor_floor: float | None = None  # step 6: the threshold is never below it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -135,8 +151,10 @@ def edited_copies(
 
 def copy_scores(
     store: Store, embedder: Embedder, ids: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
-    """Cosine of each edited copy to its original's stored vector: (copies,) float32."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edited copies against the store: (copy-to-original cosine (c,), and for each copy's
+    IMPOSTORS nearest other photos, their cosine to the copy (c, m) and to the copy's original
+    (c, m); -2 where there is none)."""
     size = store.model_config().image_size
     pixels, originals = [], []
     for image_id in ids.tolist():
@@ -150,11 +168,39 @@ def copy_scores(
             log.info("calibration skips %s: %s", rec.path, exc)
             continue
         originals.extend([image_id] * len(copies))
+    empty = np.zeros((0, IMPOSTORS), np.float32)
     if not pixels:
-        return np.zeros(0, np.float32)
+        return np.zeros(0, np.float32), empty, empty
+    index = store.index
     vectors = embedder(np.stack(pixels))
-    refs = store.index.reconstruct(np.array(originals, dtype=np.int64))
-    return np.einsum("nd,nd->n", vectors, refs)
+    own = np.array(originals, dtype=np.int64)
+    refs = index.reconstruct(own)
+    scores, found = index.search(vectors, min(IMPOSTORS + 1, len(index)))
+    to_copy = np.full((len(own), IMPOSTORS), -2.0, np.float32)
+    to_original = np.full((len(own), IMPOSTORS), -2.0, np.float32)
+    for row in range(len(own)):
+        others = [(s, i) for s, i in zip(scores[row], found[row]) if i >= 0 and i != own[row]]
+        others = others[:IMPOSTORS]
+        if others:
+            vecs = index.reconstruct(np.array([i for _, i in others], dtype=np.int64))
+            to_copy[row, : len(others)] = [s for s, _ in others]
+            to_original[row, : len(others)] = vecs @ refs[row]
+    return np.einsum("nd,nd->n", vectors, refs), to_copy, to_original
+
+
+def impostor_floor(to_copy: np.ndarray, to_original: np.ndarray, limit: float = IMPOSTOR_RATE):
+    """The lowest threshold above which at most ``limit`` of the edited copies match a photo
+    that their original does not match (a false link only an edit creates): scanning down the
+    grid, it stops where that share first exceeds the limit. None without copies."""
+    if len(to_copy) == 0:
+        return None
+    floor = float(GRID[0])
+    for t in GRID:
+        wrong = ((to_copy >= t) & (to_original < t)).any(axis=1).mean()
+        if wrong > limit:
+            break
+        floor = float(t)
+    return floor
 
 
 def neighbour_scores(store: Store, ids: np.ndarray, k: int) -> np.ndarray:
@@ -272,7 +318,7 @@ def calibrate(
     rng = np.random.default_rng(seed)
     pick_copies = np.sort(rng.choice(ids, min(copy_sample, len(ids)), replace=False))
     pick_pairs = np.sort(rng.choice(ids, min(pair_sample, len(ids)), replace=False))
-    copies = copy_scores(store, embedder, pick_copies, rng)
+    copies, to_copy, to_original = copy_scores(store, embedder, pick_copies, rng)
     if len(copies) == 0 or len(ids) < 2:
         from .index.dedupe import FALLBACK_THRESHOLD
 
@@ -281,6 +327,13 @@ def calibrate(
     else:
         neighbours = neighbour_scores(store, pick_pairs, min(NEIGHBOURS, len(ids) - 1))
         threshold, facts = resampled_threshold(copies, neighbours, len(ids), rng, target)
+        floor = impostor_floor(to_copy, to_original)
+        facts["impostor_floor"] = floor
+        evidence = int((neighbours >= threshold).sum())  # sampled pair scores it rests on
+        if floor is not None and floor > threshold and evidence < MIN_EVIDENCE:
+            threshold = floor
+            recall, precision, _, _ = _estimate(copies, neighbours, len(ids))
+            facts.update(expected_precision=precision(threshold), copy_recall=recall(threshold))
     return Calibration(
         threshold=round(float(threshold), 4),
         model_serial=store.model_serial,
@@ -295,6 +348,7 @@ def calibrate(
         photos=len(ids),
         seconds=time.perf_counter() - started,
         point_threshold=facts.get("point_threshold"),
+        impostor_floor=facts.get("impostor_floor"),
     )
 
 

@@ -16,14 +16,14 @@ class ModelConfig:
     """Architecture and training of the autoencoder; saved as the store's config.json."""
 
     image_size: int = 64  # square input side in pixels; every image is resized to this
-    input_norm: str = "unit"  # unit: /255 | image, channel: per-image standardised (and target)
+    input_norm: str = "image"  # unit: /255 | image, channel: per-image standardised (and target)
     filters: tuple[int, ...] = (32, 64, 128, 256)  # channels of each stride-2 conv level
     decoder_filters: tuple[int, ...] | None = None  # decoder widths per level; None: filters
     refine_levels: tuple[int, ...] = (1, 2, 3, 4)  # levels with a second, stride-1 3x3 conv
     code_channels: int = 16  # channels of the bottleneck; code = (size/16)^2 * this floats
-    pooled_levels: tuple[int, ...] = (1, 2, 3, 4)  # 1-based levels GeM-pooled into the embedding
+    pooled_levels: tuple[int, ...] = (1, 2, 3)  # 1-based levels GeM-pooled into the embedding
     gem_p: float = 3.0  # generalised-mean pooling exponent (1 = average, large = max)
-    pool_grids: int = 1  # 1: GeM over the whole map; g > 1: regional GeM, grids 1..g (R-MAC)
+    pool_grids: int = 3  # 1: GeM over the whole map; g > 1: regional GeM, grids 1..g (R-MAC)
     embedding_dim: int = 128  # dimension after PCA whitening (<= pooled feature size)
     whiten_shrink: float = 0.1  # eigenvalue floor, as a share of the mean eigenvalue
     flip_average: bool = True  # embed the image and its mirror, average the features

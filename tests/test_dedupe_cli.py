@@ -395,6 +395,23 @@ def test_resampling_keeps_the_threshold_at_or_above_the_point_estimate():
     assert 0.0 <= facts["copy_recall"] <= 1.0 and facts["expected_precision"] <= 1.0
 
 
+def test_impostor_floor_stops_where_copies_match_what_their_original_does_not():
+    import numpy as np
+
+    from lookalike.calibrate import impostor_floor
+
+    n = 200
+    to_copy = np.full((n, 3), 0.3, np.float32)
+    to_original = np.full((n, 3), 0.3, np.float32)
+    to_copy[:10, 0] = 0.72  # 5 % of the copies reach an unrelated photo at 0.72
+    to_copy[10:20, 0] = 0.95  # these reach a photo their original matches too: no impostor
+    to_original[10:20, 0] = 0.97
+    floor = impostor_floor(to_copy, to_original, limit=0.01)
+    assert 0.72 < floor <= 0.7225  # just above the unrelated matches
+    assert impostor_floor(to_copy[10:], to_original[10:], limit=0.01) <= 0.3
+    assert impostor_floor(np.zeros((0, 3)), np.zeros((0, 3))) is None
+
+
 def test_against_finds_a_file_by_its_phash(dup_collection, tmp_path):
     from lookalike.engine import Engine
     from lookalike.incoming import find_known
