@@ -71,6 +71,22 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def copy_model(trained: Path | str, dst: Path | str) -> Path:
+    """A new, empty store at dst with the trained store's model (encoder, whitening, config):
+    indexing into it embeds exactly as the trained store does, without training again."""
+    trained, dst = Path(trained), Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise StoreNotFoundError(f"{dst} exists and is not empty")
+    with Store.open(trained) as src:
+        src.model_config()  # raises the not-trained error
+        keep = ("format_version", "created", "model_serial", "embedding_dim", "image_size")
+        info = {k: src.info[k] for k in keep if k in src.info}
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(trained / "model", dst / "model")
+    write_json_atomic(dst / "info.json", info)
+    return dst
+
+
 class Store:
     """An open store. Writes go through :meth:`write`, serialised by a lock."""
 

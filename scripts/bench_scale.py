@@ -91,14 +91,11 @@ class RssSampler:
 
 # -- 1. embedding throughput ----------------------------------------------------------------
 def clone_model(trained: Path, dst: Path) -> Path:
-    """An empty store holding the trained store's model."""
+    """An empty store holding the trained store's model (any earlier one at dst removed)."""
+    from lookalike.store import copy_model
+
     shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir(parents=True)
-    shutil.copytree(trained / "model", dst / "model")
-    info = json.loads((trained / "info.json").read_text())
-    keep = ("format_version", "created", "model_serial", "embedding_dim", "image_size")
-    (dst / "info.json").write_text(json.dumps({k: info[k] for k in keep}))
-    return dst
+    return copy_model(trained, dst)
 
 
 def template_store(args) -> Path:

@@ -217,3 +217,33 @@ def test_complete_model_next_to_a_leftover_old_one_wins(tmp_path, tiny_store):
     (store_path / "model.old" / "config.json").write_text("{}")
     with Store.open(store_path) as store:
         assert store.model_config() == TINY  # model/ was complete: model.old is not used
+
+
+def test_copy_model_makes_an_empty_store_that_embeds_like_the_trained_one(
+    tmp_path, photos_dir, tiny_store
+):
+    import sqlite3
+
+    from lookalike.errors import StoreNotFoundError, StoreNotTrainedError
+    from lookalike.indexer import index_folder
+    from lookalike.store import copy_model
+
+    out = copy_model(tiny_store, tmp_path / "copy")
+    with Store.open(out) as st:
+        assert len(st.db) == 0 and st.model_serial >= 1 and st.is_trained
+    report = index_folder(photos_dir, out)
+    assert not report.trained and report.added == 30
+
+    def table(root):
+        conn = sqlite3.connect(root / "images.sqlite")
+        try:
+            return dict(conn.execute("SELECT path, embedding FROM images"))
+        finally:
+            conn.close()
+
+    assert table(out) == table(tiny_store)
+    with pytest.raises(StoreNotFoundError, match="not empty"):
+        copy_model(tiny_store, out)
+    Store.open(tmp_path / "untrained", create=True).close()
+    with pytest.raises(StoreNotTrainedError):
+        copy_model(tmp_path / "untrained", tmp_path / "other")

@@ -17,7 +17,7 @@ from conftest import photo_name, png_header_only, write_photo
 from lookalike.config import RayOptions
 from lookalike.index.meta import ImageRecord
 from lookalike.indexer import index_folder
-from lookalike.store import Store
+from lookalike.store import Store, copy_model
 
 ray = pytest.importorskip("ray", reason='the Ray tests need pip install "lookalike[ray]"')
 
@@ -48,12 +48,7 @@ def collection(tmp_path_factory) -> Path:
 
 def clone_model(trained: Path, dst: Path) -> Path:
     """A new, empty store with the trained store's model (so both paths use one model)."""
-    dst.mkdir(parents=True)
-    shutil.copytree(trained / "model", dst / "model")
-    info = json.loads((trained / "info.json").read_text())
-    keep = ("format_version", "created", "model_serial", "embedding_dim", "image_size")
-    (dst / "info.json").write_text(json.dumps({k: info[k] for k in keep}))
-    return dst
+    return copy_model(trained, dst)
 
 
 def rows(store: Path) -> dict[str, tuple]:
