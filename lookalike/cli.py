@@ -117,7 +117,7 @@ def index(
             "--ray",
             metavar="[ADDRESS]",
             help="Embed on a Ray cluster at ADDRESS (e.g. auto, ray://head:10001); bare --ray "
-            'starts a local one. Needs pip install "lookalike[ray]".',
+            'starts a local one. Needs pip install "lookalike\\[ray]".',
         ),
     ] = None,
     ray_workers: Annotated[
