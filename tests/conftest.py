@@ -133,6 +133,16 @@ def tiny_store(tmp_path_factory, photos_dir) -> Path:
     return store
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_store):
+    """An Engine on tiny_store, one per test module. Read-only."""
+    from lookalike.engine import Engine
+
+    eng = Engine.open(tiny_store)
+    yield eng
+    eng.close()
+
+
 @pytest.fixture
 def store_copy(tmp_path, photos_dir, tiny_store) -> tuple[Path, Path]:
     """A private (photos, store) copy of photos_dir and tiny_store, free to change."""

@@ -41,13 +41,6 @@ def _all_hits(engine: Engine, data: bytes):
     return engine.search_bytes(data, k=len(engine.store.db) + 5)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_store):
-    eng = Engine.open(tiny_store)
-    yield eng
-    eng.close()
-
-
 # --------------------------------------------------------------------------- exact copies
 
 

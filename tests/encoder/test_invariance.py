@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 
-import pytest
 from PIL import Image, ImageEnhance
 
-from lookalike.engine import Engine
 from lookalike.images import find_images
 
 
@@ -25,13 +23,6 @@ def _edits(img: Image.Image) -> dict[str, bytes]:
         edited.convert("RGB").save(buf, "JPEG", quality=30 if name == "jpeg_q30" else 85)
         out[name] = buf.getvalue()
     return out
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_store):
-    eng = Engine.open(tiny_store)
-    yield eng
-    eng.close()
 
 
 def test_edited_copies_rank_their_original_first(engine, photos_dir):
