@@ -124,16 +124,24 @@ def index(
         int | None,
         typer.Option(min=1, help="Embedding actors with --ray (default: the cluster's CPUs - 1)."),
     ] = None,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            help="Allow removing more than half of the stored photos (refused by default: an "
+            "empty or wrong folder must not wipe the store)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the autoencoder if needed, embed new and changed photos, update the index."""
     from .config import IndexOptions, ModelConfig, RayOptions
     from .indexer import index_folder
-    from .store import Store
+    from .store import Store, is_trained_store
 
     with errors_to_exit():
         base = ModelConfig()
-        if (store / "model" / "config.json").exists():
+        trained = is_trained_store(store)
+        if trained:
             with Store.open(store) as st:
                 base = st.model_config()
         overrides = dict(
@@ -144,10 +152,12 @@ def index(
             seed=seed,
         )
         model = base.replace(**overrides)
-        options = IndexOptions(index_type=index_type, retrain=retrain, labels=labels)
+        options = IndexOptions(
+            index_type=index_type, retrain=retrain, labels=labels, prune=prune
+        )
         if (
             any(v is not None for v in overrides.values())
-            and (store / "model").exists()
+            and trained
             and not retrain
         ):
             err.print("note: model flags apply when training; add --retrain to train anew")
@@ -225,7 +235,7 @@ def search(
 @app.command()
 def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
     """Describe a store: images, embedding, index, model and training, size on disk."""
-    from .store import Store
+    from .store import FORMAT_VERSION, METRIC, Store
 
     with errors_to_exit():
         with Store.open(store) as st:
@@ -235,7 +245,7 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
                 "photos": str(st.photos_root) if st.photos_root else None,
                 "images": len(st.db),
                 "embedding_dim": st.info.get("embedding_dim"),
-                "metric": st.info.get("metric"),
+                "metric": METRIC,
                 "index_type": st.info.get("index_type"),
                 "ivf": {k: v for k, v in st.info["ivf"].items() if k != "sweep"}
                 if st.info.get("index_type") == "ivf" and st.info.get("ivf")
@@ -246,8 +256,8 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
                 "epochs": training.get("epochs_run"),
                 "train_seconds": training.get("seconds"),
                 "disk_bytes": st.disk_bytes(),
-                "format_version": st.info.get("format_version"),
-                "versions": st.info.get("versions", {}),
+                "format_version": FORMAT_VERSION,
+                "versions": st.snapshot().get("versions", {}),
             }
     if as_json:
         print(json.dumps(data))

@@ -95,6 +95,7 @@ class IndexOptions:
     workers: int = 2  # decoding threads
     max_pixels: int = 64_000_000  # images with more pixels are skipped as possible bombs
     labels: str | None = None  # "folders", a labels CSV path, or None to keep the store's source
+    prune: bool = False  # allow a run to remove more than half of the stored rows (or all)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Settings(BaseSettings):
     api_key: str | None = None  # when set, POST /images and DELETE need X-API-Key
     cors_origins: list[str] = []  # closed by default
     thumbnail_size: int = 256  # default thumbnail side in pixels
+    write_timeout: float = 2.0  # seconds a write waits for the store's lock before 503
 
 
 @lru_cache

@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
-from .errors import InvalidArgumentError, NotFoundError
+from .errors import InvalidArgumentError, NotFoundError, StoreBusyError, StoreWriteError
 from .images import DEFAULT_MAX_PIXELS, decode, phash64
 from .index.meta import ImageRecord
 from .labels import vote
@@ -57,14 +58,33 @@ class Engine:
         embedder: Embedder | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         single_thread_faiss: bool = True,
+        write_timeout: float | None = None,
     ):
         self.store = store
-        self.cfg = store.model_config()
-        self.embedder = embedder or store.load_embedder()
         self.max_pixels = max_pixels
         self.single_thread_faiss = single_thread_faiss
-        _ = store.index  # load (or rebuild) the index now, not on the first query
-        self.embed(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace once
+        self.write_timeout = write_timeout  # seconds a write waits for the store (None: ever)
+        self._model_lock = threading.Lock()
+        _ = store.index  # load (or build) the index now, not on the first query
+        self._use_model(store.index_model_serial, embedder)
+
+    def _use_model(self, serial: int, embedder: Embedder | None = None) -> None:
+        """Load the embedder of the store's current model (the one its index was built with)."""
+        cfg = self.store.model_config()
+        embedder = embedder or self.store.load_embedder()
+        embedder(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8))  # trace once
+        self.cfg, self.embedder, self.serial = cfg, embedder, serial
+
+    def _current(self) -> tuple[Embedder, int]:
+        """(embedder, model serial) matching the index being served: after another process
+        retrained the store, the new model is loaded before the next query is embedded."""
+        self.store.refresh()
+        serial = self.store.index_model_serial
+        if serial != self.serial:
+            with self._model_lock:
+                if serial != self.serial:
+                    self._use_model(serial)
+        return self.embedder, self.serial
 
     @classmethod
     def open(cls, store_path: Path | str, **kwargs) -> Engine:
@@ -78,8 +98,8 @@ class Engine:
         return self.cfg.image_size
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, s, s, 3) uint8 -> (n, d) unit float32."""
-        return self.embedder(pixels)
+        """(n, s, s, 3) uint8 -> (n, d) unit float32, with the served model."""
+        return self._current()[0](pixels)
 
     def embed_bytes(self, data: bytes) -> np.ndarray:
         """One image's bytes -> (d,) unit vector; ImageError if they are not a usable image."""
@@ -87,14 +107,23 @@ class Engine:
         return self.embed(pixels[None])[0]
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int, exclude: Sequence[int | None] | None = None
+        self,
+        vectors: np.ndarray,
+        k: int,
+        exclude: Sequence[int | None] | None = None,
+        serial: int | None = None,
     ) -> list[list[Hit]]:
-        """The k nearest stored images of each vector; exclude[i] drops one id from row i."""
+        """The k nearest stored images of each vector; exclude[i] drops one id from row i.
+
+        ``serial``: the model that embedded the vectors; StaleModel if the served index
+        belongs to another one (a retrain landed between embedding and searching).
+        """
         if not 1 <= k <= MAX_K:
             raise InvalidArgumentError(f"k must be between 1 and {MAX_K}, got {k}")
         extra = 1 if exclude is not None else 0
         with self.store.lock:
-            self.store.refresh()
+            if serial is not None and serial != self.store.index_model_serial:
+                raise _StaleModel
             if self.single_thread_faiss and len(vectors) <= 4:
                 # One query at a time: OpenMP's thread start-up and its fight with TensorFlow's
                 # threads cost milliseconds a query on 2 cores (p99 12 -> 5 ms quiet, p50 16 ->
@@ -122,7 +151,14 @@ class Engine:
 
     def search_bytes(self, data: bytes, k: int = 10) -> list[Hit]:
         """Neighbours of an uploaded image."""
-        return self.search_vectors(self.embed_bytes(data)[None], k)[0]
+        for _ in range(3):  # a retrain landing mid-query: embed again with the new model
+            embedder, serial = self._current()
+            pixels = decode(data, self.image_size, max_pixels=self.max_pixels)[0]
+            try:
+                return self.search_vectors(embedder(pixels[None]), k, serial=serial)[0]
+            except _StaleModel:
+                continue
+        raise StoreBusyError("the store's model is changing; try again")
 
     def suggest_bytes(
         self, data: bytes, k: int = 10, top: int = 3
@@ -143,56 +179,78 @@ class Engine:
     def add_images(self, files: Sequence[tuple[str, bytes]]) -> list[int]:
         """Store uploaded images under STORE/uploads, embed them and index them at once.
 
-        All files are decoded first: if any is not a usable image, an ImageError is raised and
-        nothing is written. The table and the index are updated under the store's lock and
-        persisted before returning, so searches see all of the new images or none, and they
-        survive a restart.
+        All or nothing: every file is decoded first (an ImageError writes nothing); then, under
+        the writer lock (StoreBusyError after ``write_timeout``), the files, the table rows and
+        the index file are written in one commit that a failure (a full disk) rolls back whole.
         """
-        decoded = []
-        for name, data in files:
-            pixels, width, height = decode(data, self.image_size, max_pixels=self.max_pixels)
-            decoded.append((name, data, pixels, width, height))
-        vectors = self.embed(np.stack([d[2] for d in decoded])) if decoded else None
-        if vectors is None:
+        decoded = [
+            (name, data, *decode(data, self.image_size, max_pixels=self.max_pixels))
+            for name, data in files
+        ]
+        if not decoded:
             return []
-        uploads = self.store.uploads_dir
-        uploads.mkdir(exist_ok=True)
-        records, written = [], []
-        try:
-            for name, data, pixels, width, height in decoded:
-                target = uploads / _upload_name(name, data)
-                tmp = target.with_name(target.name + ".part")
-                tmp.write_bytes(data)
-                os.replace(tmp, target)
-                written.append(target)
-                rel = UPLOAD_PREFIX + target.name
-                digest = hashlib.sha256(data).hexdigest()
-                mtime = target.stat().st_mtime
-                records.append(
-                    ImageRecord(
-                        0, rel, len(data), mtime, digest, width, height, phash=phash64(pixels)
-                    )
+        pixels = np.stack([d[2] for d in decoded])
+        embedder, serial = self._current()
+        vectors = embedder(pixels)  # outside the lock: searches and other uploads go on
+        with self.store.writing(timeout=self.write_timeout):
+            if self.store.model_serial != serial:  # retrained meanwhile
+                embedder, serial = self._current()
+                vectors = embedder(pixels)
+            written: list[Path] = []
+            try:
+                records = [self._save_upload(d, written) for d in decoded]
+                return self.store.commit(
+                    lambda before: self.store.db.write(
+                        zip(records, vectors), model=serial, before_commit=before
+                    ),
+                    lambda index, ids: index.add(vectors, np.array(ids, dtype=np.int64)),
+                    lambda index, ids: index.remove(np.array(ids, dtype=np.int64)),
                 )
-            with self.store.writing():
-                index = self.store.index
-                ids = self.store.db.write(zip(records, vectors), model=self.store.model_serial)
-                index.add(vectors, np.array(ids, dtype=np.int64))
-                self.store.save_index()
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
-        return ids
+            except BaseException:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                raise
+
+    def _save_upload(self, decoded: tuple, written: list[Path]) -> ImageRecord:
+        """Write one upload's bytes under STORE/uploads (unique name) -> its table record."""
+        name, data, pixels, width, height = decoded
+        uploads = self.store.uploads_dir
+        target = uploads / _upload_name(name, data)
+        try:
+            uploads.mkdir(exist_ok=True)
+            with open(target, "xb") as fh:
+                written.append(target)
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise StoreWriteError(f"cannot save the upload in {uploads}: {exc.strerror}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        mtime = target.stat().st_mtime
+        return ImageRecord(
+            0,
+            UPLOAD_PREFIX + target.name,
+            len(data),
+            mtime,
+            digest,
+            width,
+            height,
+            phash=phash64(pixels),
+        )
 
     def remove_image(self, image_id: int) -> None:
         """Remove one image from the index and the table (an uploaded file is deleted too)."""
-        with self.store.writing():
+        with self.store.writing(timeout=self.write_timeout):
             record = self.store.db.get(image_id)
             if record is None:
                 raise NotFoundError(f"no image with id {image_id}")
             self.store.remove_images([image_id])
         if record.path.startswith(UPLOAD_PREFIX):
             self.store.file_path(record.path).unlink(missing_ok=True)
+
+
+class _StaleModel(Exception):
+    """The served index changed model between embedding a query and searching it."""
 
 
 _SUFFIX = {

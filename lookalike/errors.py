@@ -11,7 +11,9 @@ status code in one exception handler.
     ├── StoreError                 a store on disk cannot be used
     │   ├── StoreNotFoundError     no store at that path
     │   ├── StoreVersionError      store written by an incompatible version
-    │   └── StoreNotTrainedError   the store has no model yet
+    │   ├── StoreNotTrainedError   the store has no model yet
+    │   ├── StoreBusyError         another process holds the store's writer lock (HTTP 503)
+    │   └── StoreWriteError        the store cannot be written: read-only, disk full (HTTP 503)
     ├── NotFoundError              an id or file the store does not know (HTTP 404)
     └── InvalidArgumentError       an argument out of range or inconsistent (HTTP 422)
 """
@@ -49,6 +51,16 @@ class StoreVersionError(StoreError):
 
 class StoreNotTrainedError(StoreError):
     """The store has no trained model yet."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's writer lock longer than the caller can wait."""
+
+    retry_after = 5  # seconds a client should wait before trying again (HTTP Retry-After)
+
+
+class StoreWriteError(StoreError):
+    """The store cannot be written (read-only folder, disk full); nothing was changed."""
 
 
 class NotFoundError(LookalikeError):

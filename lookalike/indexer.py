@@ -106,20 +106,15 @@ def index_folder(
         raise InvalidArgumentError(f"photos folder not found: {photos}")
     progress = progress or (lambda stage, done, total: None)
     report = IndexReport()
-    store = Store.open(store_path, create=True, photos=photos)
-    try:
-        with store.writing():
-            _run(store, photos, model, options, progress, report, ray)
-            labels_source = labels_source or store.info.get("labels_source")
-            if labels_source:
-                if labels_source != FOLDERS and not Path(labels_source).exists():
-                    log.warning("labels file %s is gone; labels left as they are", labels_source)
-                else:  # a remembered folder source only labels new rows: edits stay
-                    apply_labels(store.db, labels_source, keep_existing=options.labels is None)
-                    store.info["labels_source"] = labels_source
-                    store.save_info()
-    finally:
-        store.close()
+    with Store.open(store_path, create=True) as store, store.writing():
+        _run(store, photos, model, options, progress, report, ray)
+        labels_source = labels_source or store.info.get("labels_source")
+        if labels_source:
+            if labels_source != FOLDERS and not Path(labels_source).exists():
+                log.warning("labels file %s is gone; labels left as they are", labels_source)
+            else:  # a remembered folder source only labels new rows: edits stay
+                apply_labels(store.db, labels_source, keep_existing=options.labels is None)
+                store.update_state({"labels_source": labels_source})
     report.seconds = time.perf_counter() - started
     return report
 
@@ -190,7 +185,8 @@ class Committer:
             if state is not None:  # it cannot be served any more
                 self.store.db.write(deletes=[state[0]])
                 if self.index is not None:
-                    self.index.remove(np.array([state[0]]))
+                    with self.store.lock:
+                        self.index.remove(np.array([state[0]]))
 
     def triage(self, rel: str, sha256: str, mtime: float, size: int) -> str | None:
         """The kind of write a decoded file needs, or None when it is unchanged after all
@@ -219,8 +215,10 @@ class Committer:
                 [(r, v) for r, v, _ in rows], touches=touches, model=self.serial
             )
             if self.index is not None:
-                self.index.remove(np.array(ids))  # replaced rows keep their id
-                self.index.add(vectors, np.array(ids))
+                replaced = [i for i, (_, _, k) in zip(ids, rows) if k != "added"]
+                with self.store.lock:
+                    self.index.remove(np.array(replaced))  # replaced rows keep their id
+                    self.index.add(vectors, np.array(ids))
             for _, _, k in rows:
                 if k == "added":
                     self.report.added += 1
@@ -233,9 +231,32 @@ class Committer:
             self.store.db.write(touches=touches)
 
 
+def check_removals(store: Store, photos: Path, files: list[Path], prune: bool) -> None:
+    """Refuse a run that would remove more than half of the stored rows (or all of them)
+    unless ``prune``: an empty or wrong folder (an unmounted drive, a typo) must not wipe a
+    store. Checked before anything is changed, training included."""
+    states = store.db.file_states()
+    if not states:
+        return
+    seen = {_relative(p, photos, store) for p in files}
+    seen.update(s for s in states if s.startswith(UPLOAD_PREFIX))  # uploads stay
+    gone = sum(1 for rel in states if rel not in seen)
+    if gone and (gone == len(states) or 2 * gone > len(states)) and not prune:
+        was = store.photos_root
+        raise InvalidArgumentError(
+            f"{photos} would remove {gone} of the store's {len(states)} photos "
+            f"({len(files)} images found there"
+            + (f"; the store indexes {was}" if was and was != photos else "")
+            + "). Nothing was changed. If the photos really are gone, run again with --prune."
+        )
+
+
 def _run(store, photos, model, options, progress, report, ray=None) -> None:
     progress("scan", 0, 0)
     files = scan(store, photos)
+    check_removals(store, photos, files, options.prune)
+    if store.photos_root != photos:
+        store.update_state({"photos_root": str(photos)})
     failed: dict[Path, FailedImage] = {}
     if not store.is_trained or options.retrain:
         cfg = model or (store.model_config() if store.is_trained else ModelConfig())
@@ -252,7 +273,8 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
         store.db.write(deletes=plan.removed_ids)
         report.removed = len(plan.removed_ids)
         if index is not None:
-            index.remove(np.array(plan.removed_ids))
+            with store.lock:
+                index.remove(np.array(plan.removed_ids))
 
     committer = Committer(store, plan, index, report)
     committer.failed.update(failed)
@@ -276,11 +298,14 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
     if index is None or index.index_type != kind:
         store.rebuild_index(requested)
     else:
-        store.info["index_type_requested"] = requested
+        store.update_state({"index_type_requested": requested})
         store.save_index()
     report.images = count
     report.failed = sorted(committer.failed.values(), key=lambda f: str(f.path))
-    if report.trained:  # the cosine scale of duplicates is the model's: measure it again
+    calibration = store.info.get("dedupe_calibration") or {}
+    if count and calibration.get("model_serial") != store.model_serial:
+        # the cosine scale of duplicates is the model's: measure it for every new model (also
+        # when the run that trained it was cut off before calibrating)
         from .calibrate import calibrate_store
 
         progress("calibrate", 0, 1)

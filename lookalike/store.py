@@ -1,22 +1,32 @@
 """A collection's store on disk: model + index + metadata, opened and saved as one.
 
 Layout of STORE/:
-    info.json          what the store is: format version, photos root, dim, metric, count,
-                       index type, library versions (written atomically)
-    model/             config.json, encoder.keras, decoder.keras, whitening.npz, training.json,
-                       reconstructions.png -- replaced as a whole by a rename on (re)training
-    images.sqlite      one row per image (see lookalike.index.meta), the source of truth
-    index.faiss        the FAISS index, rebuilt from images.sqlite whenever it is stale
+    images.sqlite      the source of truth: one row per image (lookalike.index.meta), and the
+                       store's state (model serial, photos root, thresholds, index settings) in
+                       its meta table, every change a transaction that advances a generation
+    info.json          a snapshot of that state for people to read (format version, counts, dim,
+                       versions); written after each change, never read back as the truth
+    model-<serial>/    config.json, encoder.keras, decoder.keras, whitening.npz, training.json,
+                       pictures -- one folder per (re)training, made complete under a temporary
+                       name and switched to by one transaction (older stores: model/)
+    index-<gen>.faiss  the FAISS index of generation <gen>; another generation's file is stale
     uploads/           images added over HTTP
+    .write.lock        the cross-process writer lock
+
+Concurrency: writers (indexing, uploads, label and dedupe changes, clean-up) take the writer
+lock; readers never take it and never wait for it: they serve the last consistent index until
+the file of the current generation exists.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
+import logging
 import os
 import platform
+import re
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,11 +35,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import filelock
 import numpy as np
 
 from . import __version__
 from .config import ModelConfig
-from .errors import StoreNotFoundError, StoreNotTrainedError, StoreVersionError
+from .errors import (
+    StoreBusyError,
+    StoreNotFoundError,
+    StoreNotTrainedError,
+    StoreVersionError,
+    StoreWriteError,
+)
 from .index.knn import KnnIndex, ivf_params, resolve_index_type, tune_nprobe
 from .index.meta import MetaDB
 
@@ -37,19 +54,40 @@ if TYPE_CHECKING:
     from .encoder.embed import Embedder
     from .encoder.train import TrainResult
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 UPLOAD_PREFIX = "@uploads/"  # table paths of images added over HTTP, kept in STORE/uploads
 METRIC = "cosine"  # inner product of L2-normalised float32 vectors
+SNAPSHOT_KEYS = ("format_version", "count", "metric", "updated", "versions")  # not state
+INDEX_FILE = re.compile(r"^index-(\d+)\.faiss$")
+MODEL_DIR = re.compile(r"^model-(\d+)$")
+LEFTOVERS = ("model.tmp*", "train-*", ".tmp-*", "*.tmp")  # a dead writer's temporary files
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file, fsync it, and rename it over path."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write JSON to a uniquely named temporary file beside path, fsync it, rename it over."""
+    with _atomic_file(path) as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[Any]:
+    """A binary file handle whose content replaces path when the block ends without error;
+    the temporary name is unique, so concurrent writers never write into one file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise StoreWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def library_versions() -> dict[str, str]:
@@ -71,6 +109,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def is_trained_store(path: Path | str) -> bool:
+    """Whether path holds a store with a trained model (without creating anything)."""
+    path = Path(path).expanduser()
+    if not (path / "info.json").is_file():
+        return False
+    with Store.open(path) as store:
+        return store.is_trained
+
+
 def copy_model(trained: Path | str, dst: Path | str) -> Path:
     """A new, empty store at dst with the trained store's model (encoder, whitening, config):
     indexing into it embeds exactly as the trained store does, without training again."""
@@ -79,55 +126,87 @@ def copy_model(trained: Path | str, dst: Path | str) -> Path:
         raise StoreNotFoundError(f"{dst} exists and is not empty")
     with Store.open(trained) as src:
         src.model_config()  # raises the not-trained error
-        keep = ("format_version", "created", "model_serial", "embedding_dim", "image_size")
-        info = {k: src.info[k] for k in keep if k in src.info}
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(trained / "model", dst / "model")
-    write_json_atomic(dst / "info.json", info)
+        keep = ("created", "model_serial", "embedding_dim", "image_size")
+        state = {k: src.info[k] for k in keep if k in src.info}
+        model_dir = src.model_dir
+    with Store.open(dst, create=True) as new:
+        with new.writing():
+            shutil.copytree(model_dir, new.root / f"model-{state.get('model_serial', 0)}")
+            new.update_state(state, bump=True)
     return dst
 
 
-class Store:
-    """An open store. Writes go through :meth:`write`, serialised by a lock."""
+class _State(dict):
+    """The store's state as a dict that remembers which keys the caller changed, so saving
+    writes those keys only and never puts back another process's older values."""
 
-    def __init__(self, root: Path, info: dict[str, Any]):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dirty: set[str] = set()
+        self.removed: set[str] = set()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.dirty.add(key)
+        self.removed.discard(key)
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.removed.add(key)
+        self.dirty.discard(key)
+
+    def pop(self, key, *default):
+        if key in self:
+            self.removed.add(key)
+            self.dirty.discard(key)
+        return super().pop(key, *default)
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+class Store:
+    """An open store. Writes go through :meth:`writing` (the cross-process writer lock)."""
+
+    def __init__(self, root: Path, legacy_info: dict[str, Any]):
         self.root = root
-        self.info = info
         self.db = MetaDB(root / "images.sqlite")
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # in-process: guards the in-memory index and state
+        self._flock = filelock.FileLock(root / ".write.lock", thread_local=True)
+        self._local = threading.local()  # writing() depth of the calling thread
         self._index: KnnIndex | None = None
         self._index_generation = -1  # table generation the in-memory index reflects
-        self._write_depth = 0  # nesting of writing() in the thread holding self.lock
-        self._recover_model_dir()
+        self._index_serial = -1  # model serial of the vectors in the in-memory index
+        self._generation, state = self.db.snapshot()
+        if not state and legacy_info:  # a store written before the state moved into SQLite
+            state = {k: v for k, v in legacy_info.items() if k not in SNAPSHOT_KEYS}
+            self._migrate(state)
+        self.info = _State(state)
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: Path | str, *, create: bool = False, photos: Path | None = None) -> Store:
-        """Open the store at root; with create, make an empty one if there is none."""
+    def open(
+        cls, root: Path | str, *, create: bool = False, photos: Path | str | None = None
+    ) -> Store:
+        """Open the store at root; with create, make an empty one if there is none; with
+        photos, record that folder as the photos root (`lookalike index` checks first)."""
         root = Path(root).expanduser().resolve()
+        if root.exists() and not root.is_dir():
+            raise StoreNotFoundError(f"{root} is a file, not a lookalike store folder")
         info_path = root / "info.json"
         if info_path.exists():
-            try:
-                info = json.loads(info_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise StoreVersionError(
-                    f"{info_path} is not a lookalike store info file: {exc}"
-                ) from None
-            version = info.get("format_version")
-            if version != FORMAT_VERSION:
-                raise StoreVersionError(
-                    f"store {root} has format version {version}; this lookalike "
-                    f"({__version__}) reads version {FORMAT_VERSION}. Re-create it with "
-                    "`lookalike index PHOTOS --store NEW_STORE`."
-                )
+            info = _read_info(info_path, root)
         elif create:
             if root.exists() and any(root.iterdir()):
                 raise StoreNotFoundError(
                     f"{root} exists, is not empty and is not a lookalike store"
                 )
-            root.mkdir(parents=True, exist_ok=True)
-            info = {"format_version": FORMAT_VERSION, "created": time.time(), "count": 0}
-            write_json_atomic(info_path, info)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreWriteError(f"cannot create store {root}: {exc.strerror}") from None
+            info = {}
         else:
             hint = "" if root.exists() else " (no such folder)"
             raise StoreNotFoundError(
@@ -135,9 +214,27 @@ class Store:
                 "`lookalike index PHOTOS --store STORE`"
             )
         store = cls(root, info)
+        if not info_path.exists():
+            store.update_state({"created": time.time()})
         if photos is not None:
-            store.info["photos_root"] = str(Path(photos).resolve())
+            store.update_state({"photos_root": str(Path(photos).expanduser().resolve())})
         return store
+
+    def _migrate(self, state: dict[str, Any]) -> None:
+        """Move an older store's info.json state into SQLite, once, if the lock is free."""
+        if self.db.readonly:
+            return
+        try:
+            self._flock.acquire(timeout=0)
+        except filelock.Timeout:
+            return  # a writer is busy: read the old file this time, migrate next time
+        try:
+            _, current = self.db.snapshot()
+            if not current:
+                state.pop("index_generation", None)  # the legacy index file is not trusted
+                self.db.set_state(state)
+        finally:
+            self._flock.release()
 
     def close(self) -> None:
         self.db.close()
@@ -151,11 +248,15 @@ class Store:
     # -- paths --------------------------------------------------------------------------------
     @property
     def model_dir(self) -> Path:
-        return self.root / "model"
+        serial_dir = self.root / f"model-{self.model_serial}"
+        return serial_dir if serial_dir.is_dir() else self.root / "model"
 
     @property
     def index_path(self) -> Path:
-        return self.root / "index.faiss"
+        """The index file of the in-memory index's generation (before one is loaded: of the
+        table's current generation)."""
+        generation = self._index_generation if self._index is not None else self.db.generation
+        return self.root / f"index-{generation}.faiss"
 
     @property
     def uploads_dir(self) -> Path:
@@ -173,6 +274,57 @@ class Store:
         if self.photos_root is None:
             raise StoreNotFoundError(f"store {self.root} does not record its photos folder")
         return self.photos_root / rel_path
+
+    # -- state --------------------------------------------------------------------------------
+    def update_state(
+        self, updates: dict[str, Any], deletes: tuple[str, ...] = (), bump: bool = False
+    ) -> None:
+        """Change state keys in one transaction, then reload the whole state and write the
+        info.json snapshot."""
+        self.db.set_state(updates, deletes, bump=bump)
+        with self.lock:
+            self.info.dirty -= set(updates)
+            self.info.removed -= set(deletes)
+        self._reload_state()
+        self._write_snapshot()
+
+    def save_info(self) -> None:
+        """Persist the keys of ``info`` this process changed (others' changes are kept)."""
+        with self.lock:
+            updates = {k: self.info[k] for k in self.info.dirty if k in self.info}
+            deletes = tuple(self.info.removed)
+        self.update_state(updates, deletes)
+
+    def _reload_state(self) -> None:
+        generation, state = self.db.snapshot()
+        with self.lock:
+            pending = {k: self.info[k] for k in self.info.dirty if k in self.info}
+            removed = set(self.info.removed)
+            fresh = _State({k: v for k, v in state.items() if k not in removed})
+            fresh.update(pending)  # keys changed here and not saved yet stay changed
+            fresh.removed = removed
+            self.info = fresh
+            self._generation = generation
+
+    def snapshot(self) -> dict[str, Any]:
+        """The info.json snapshot (counts, versions of the last writer) as last written."""
+        try:
+            return json.loads((self.root / "info.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_snapshot(self) -> None:
+        if self.db.readonly:
+            return
+        snapshot = {k: v for k, v in self.info.items() if k not in SNAPSHOT_KEYS}
+        snapshot.update(
+            format_version=FORMAT_VERSION,
+            count=len(self.db),
+            metric=METRIC,
+            updated=time.time(),
+            versions=library_versions(),
+        )
+        write_json_atomic(self.root / "info.json", snapshot)
 
     # -- model --------------------------------------------------------------------------------
     @property
@@ -206,36 +358,42 @@ class Store:
         )
 
     def save_model(self, result: TrainResult, cfg: ModelConfig) -> None:
-        """Write the trained model as a whole: a temporary folder renamed into place."""
+        """Write the trained model to a new folder and switch to it in one transaction (which
+        also advances the generation: every row of the old model is stale from then on)."""
         from PIL import Image
 
-        tmp = self.root / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        result.encoder.save(tmp / "encoder.keras")
-        result.decoder.save(tmp / "decoder.keras")
-        result.whitening.save(tmp / "whitening.npz")
-        write_json_atomic(tmp / "training.json", result.history)
-        if result.preview is not None:
-            Image.fromarray(result.preview).save(tmp / "reconstructions.png")
-        write_json_atomic(tmp / "config.json", cfg.to_dict())  # last: marks the folder complete
-        old = self.root / "model.old"
-        if self.model_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.model_dir, old)
-        os.replace(tmp, self.model_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        self.info["model_serial"] = self.model_serial + 1
-        self.info["embedding_dim"] = int(result.whitening.projection.shape[1])
-        self.info["image_size"] = cfg.image_size
-        self.save_info()
+        with self.writing():
+            serial = self.model_serial + 1
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix="model.tmp-"))
+            try:
+                result.encoder.save(tmp / "encoder.keras")
+                result.decoder.save(tmp / "decoder.keras")
+                result.whitening.save(tmp / "whitening.npz")
+                write_json_atomic(tmp / "training.json", result.history)
+                if result.preview is not None:
+                    Image.fromarray(result.preview).save(tmp / "reconstructions.png")
+                write_json_atomic(tmp / "config.json", cfg.to_dict())
+                target = self.root / f"model-{serial}"
+                shutil.rmtree(target, ignore_errors=True)  # a dead writer's, never switched to
+                os.replace(tmp, target)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise StoreWriteError(f"cannot save the model in {self.root}: {exc}") from None
+            state = {
+                "model_serial": serial,
+                "embedding_dim": int(result.whitening.projection.shape[1]),
+                "image_size": cfg.image_size,
+            }
+            self.update_state(state, bump=True)
+            self._remove_old_models()
 
-    def _recover_model_dir(self) -> None:
-        """Finish a model swap that a crash interrupted."""
-        old = self.root / "model.old"
-        if not self.model_dir.exists() and old.exists():
-            os.replace(old, self.model_dir)
-        shutil.rmtree(self.root / "model.tmp", ignore_errors=True)
+    def _remove_old_models(self) -> None:
+        """Model folders other than the current one (caller holds the writer lock)."""
+        current = self.model_dir
+        for path in self.root.iterdir():
+            old = path.name in ("model", "model.old") or MODEL_DIR.match(path.name)
+            if old and path.is_dir() and path != current:
+                shutil.rmtree(path, ignore_errors=True)
 
     # -- index --------------------------------------------------------------------------------
     @property
@@ -244,129 +402,265 @@ class Store:
             self.model_config()  # raises the not-trained error
         return int(self.info["embedding_dim"])
 
+    def embeddings(self, chunk: int = 10_000):
+        """(ids, vectors) chunks of the rows the current model embedded."""
+        return self.db.embeddings(self.dim, chunk=chunk, model=self.model_serial)
+
     @property
     def index(self) -> KnnIndex:
-        """The FAISS index, loaded once; rebuilt from the table when it is missing or stale."""
+        """The FAISS index, loaded once (or built from the table when its file is missing)."""
         with self.lock:
             if self._index is None:
-                fresh = self.info.get("index_generation") == self.db.generation
-                if fresh and self.index_path.exists():
-                    self._index = KnnIndex.load(self.index_path, self.info["index_type"])
-                    self._index_generation = self.info["index_generation"]
-                else:
-                    self.rebuild_index(self.info.get("index_type_requested", "auto"))
+                self._reload_state()
+                if not self._load_index_file(self._generation):
+                    self._build_in_memory()
             return self._index
 
+    @property
+    def index_model_serial(self) -> int:
+        """The model serial whose vectors the in-memory index holds (-1: none loaded)."""
+        return self._index_serial
+
+    def _index_file(self, generation: int) -> Path | None:
+        path = self.root / f"index-{generation}.faiss"
+        if path.exists():
+            return path
+        legacy = self.root / "index.faiss"
+        if legacy.exists() and self.info.get("index_generation") == generation:
+            return legacy
+        return None
+
+    def _load_index_file(self, generation: int) -> bool:
+        """Load the index file of this generation, if there is one (caller holds self.lock)."""
+        path = self._index_file(generation)
+        if path is None:
+            return False
+        try:
+            knn = KnnIndex.load(path)
+        except (OSError, RuntimeError):  # removed meanwhile by a writer that moved on
+            return False
+        self._set_index(knn, generation)
+        return True
+
+    def _set_index(self, knn: KnnIndex, generation: int) -> None:
+        self._index = knn
+        self._index_generation = generation
+        self._index_serial = self.model_serial
+
+    def _build_in_memory(self) -> None:
+        """Build the index of the current generation from the table; save it when the writer
+        lock is free (or already ours), else serve it from memory only."""
+        if self.writing_here:
+            self.rebuild_index(self.info.get("index_type_requested", "auto"))
+            return
+        try:
+            self._flock.acquire(timeout=0)
+        except filelock.Timeout:
+            generation = self._generation
+            self._set_index(self._build(self.info.get("index_type_requested", "auto")), generation)
+            return
+        try:
+            self._local.depth = 1
+            self._reload_state()
+            self.rebuild_index(self.info.get("index_type_requested", "auto"))
+        finally:
+            self._local.depth = 0
+            self._flock.release()
+
+    def _build(self, index_type: str) -> KnnIndex:
+        """A new index of the current model's rows, read chunk by chunk."""
+        count = self.db.count(self.model_serial)
+        kind = resolve_index_type(index_type, count)
+        train = None
+        if kind == "ivf":  # train on an evenly spread sample of at most 100k vectors
+            step = max(1, count // 100_000)
+            train = np.concatenate(
+                [v[::step] for _, v in self.embeddings()] or [np.zeros((0, self.dim), np.float32)]
+            )
+            if len(train) < 2 * ivf_params(len(train))[0]:
+                kind, train = "flat", None
+        knn = KnnIndex.empty(self.dim, kind, train)
+        for ids, vecs in self.embeddings():
+            knn.add(vecs, ids)
+        return knn
+
     def rebuild_index(self, index_type: str = "auto") -> KnnIndex:
-        """Build the index from the embeddings in the table, chunk by chunk, and save it."""
-        with self.lock:
-            count = len(self.db)
-            kind = resolve_index_type(index_type, count)
-            train = None
-            if kind == "ivf":  # train on an evenly spread sample of at most 100k vectors
-                step = max(1, count // 100_000)
-                train = np.concatenate(
-                    [v[::step] for _, v in self.db.embeddings(self.dim)]
-                    or [np.zeros((0, self.dim), np.float32)]
-                )
-                if len(train) < 2 * ivf_params(len(train))[0]:
-                    kind, train = "flat", None
-            knn = KnnIndex.empty(self.dim, kind, train)
-            for ids, vecs in self.db.embeddings(self.dim):
-                knn.add(vecs, ids)
-            self.info.pop("ivf", None)
-            if kind == "ivf":  # probe as few lists as keep recall@10 at the target
-                self.info["ivf"] = tune_nprobe(knn, lambda: self.db.embeddings(self.dim), count)
-            self._index = knn
-            self.info["index_type_requested"] = index_type
-            self.save_index()
+        """Build the index from the current model's embeddings and save it (writer lock)."""
+        with self.writing(), self.lock:
+            self._reload_state()
+            knn = self._build(index_type)
+            state: dict[str, Any] = {"index_type_requested": index_type}
+            if knn.index_type == "ivf":  # probe as few lists as keep recall@10 at the target
+                state["ivf"] = tune_nprobe(knn, self.embeddings, len(knn))
+            self.update_state(state, deletes=() if "ivf" in state else ("ivf",))
+            self._set_index(knn, self._generation)
+            if self.db.count(self.model_serial) == len(self.db):
+                self.save_index()
+            # else a retrain is half-way: other processes keep serving their complete index of
+            # the old model until the run that re-embeds the rest saves one
             return knn
 
     def set_index(self, knn: KnnIndex, index_type: str = "auto") -> None:
         """Serve and save an index built elsewhere (lookalike.scale) from this table's rows."""
-        with self.lock:
-            self._index = knn
-            self.info["index_type_requested"] = index_type
+        with self.writing(), self.lock:
+            self._reload_state()
+            self._set_index(knn, self._generation)
+            self.update_state({"index_type_requested": index_type})
             self.save_index()
 
     def save_index(self) -> None:
-        """Persist the index and the info file that vouches for it."""
-        with self.lock:
+        """Persist the in-memory index as the file of the table's current generation."""
+        with self.writing(), self.lock:
             assert self._index is not None
-            self._index.save(self.index_path)
-            self.info["index_generation"] = self._index_generation = self.db.generation
-            self.info["index_type"] = self._index.index_type
-            self.save_info()
+            generation = self.db.generation
+            self._save_index_file(generation)
+            self._index_generation = generation
+            self.update_state({"index_type": self._index.index_type})
 
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        """Serialise writers across threads and processes (the workers of one service, or a
-        `lookalike index` run beside it); the index is brought up to date first."""
-        with self.lock:
-            if self._write_depth:  # re-entered by the thread that holds it
-                self._write_depth += 1
-                try:
-                    yield
-                finally:
-                    self._write_depth -= 1
-                return
-            fd = os.open(self.root / ".write.lock", os.O_CREAT | os.O_RDWR, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                self._write_depth = 1
-                self.refresh()
-                if self._index is not None and self._index_generation != self.db.generation:
-                    self.rebuild_index(self.info.get("index_type_requested", "auto"))
-                yield
-            finally:
-                self._write_depth = 0
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+    def _save_index_file(self, generation: int, keep_others: bool = False) -> None:
+        """Write index-<generation>.faiss and (unless keep_others) remove other generations'."""
+        target = self.root / f"index-{generation}.faiss"
+        with _atomic_file(target) as fh:
+            fh.write(self._index.serialize())
+        if not keep_others:
+            self._remove_other_index_files(generation)
 
-    def refresh(self) -> None:
-        """Reload the index when another process has changed the store since it was loaded.
+    def _remove_other_index_files(self, generation: int) -> None:
+        for path in self.root.glob("index*.faiss"):
+            if path.name != f"index-{generation}.faiss":
+                path.unlink(missing_ok=True)
 
-        Cheap when nothing changed (one SQLite read). While another writer is mid-way, the last
-        consistent index keeps being served.
+    def commit(self, write, change, undo) -> list[int]:
+        """One all-or-nothing change of table and index (the caller holds the writer lock).
+
+        ``write(before_commit)`` runs the table transaction and calls ``before_commit(ids)`` in
+        it, before COMMIT: there ``change(index, ids)`` updates the in-memory index and the
+        index file of the new generation is written. If anything fails (a full disk), the table
+        rolls back, ``undo(index, ids)`` puts the index back and its new file is removed.
         """
         with self.lock:
-            if self._index is None:
-                return
-            generation = self.db.generation
-            if generation == self._index_generation:
-                return
+            index = self.index
+            generation = self.db.generation + 1
+            done: list[list[int]] = []
+
+            def before_commit(ids: list[int]) -> None:
+                change(index, ids)
+                done.append(ids)
+                self._save_index_file(generation, keep_others=True)
+
             try:
-                info = json.loads((self.root / "info.json").read_text())
-            except (OSError, ValueError):
-                return
-            if info.get("index_generation") == generation and self.index_path.exists():
-                self.info = info
-                self._index = KnnIndex.load(self.index_path, info["index_type"])
-                self._index_generation = generation
+                ids = write(before_commit)
+            except BaseException:
+                if done:
+                    undo(index, done[0])
+                (self.root / f"index-{generation}.faiss").unlink(missing_ok=True)
+                raise
+            self._index_generation = self._generation = generation
+            self._remove_other_index_files(generation)
+            return ids
+
+    # -- concurrency --------------------------------------------------------------------------
+    @property
+    def writing_here(self) -> bool:
+        """Whether the calling thread holds the writer lock."""
+        return getattr(self._local, "depth", 0) > 0
+
+    @contextmanager
+    def writing(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the cross-process writer lock (re-entrant in one thread). Waits for it without
+        holding the in-process lock, so searches go on meanwhile; with a timeout, a writer that
+        cannot get it in time raises StoreBusyError. On entry, a dead writer's leftovers are
+        removed and the index is brought to the table's current generation."""
+        if self.writing_here:
+            self._local.depth += 1
+            try:
+                yield
+            finally:
+                self._local.depth -= 1
+            return
+        if self.db.readonly:
+            raise StoreWriteError(f"store {self.root} is read-only; nothing was changed")
+        try:
+            self._flock.acquire(timeout=-1 if timeout is None else timeout)
+        except filelock.Timeout:
+            raise StoreBusyError(
+                f"store {self.root} is busy: another process (an index, dedupe or labels run) "
+                "is writing to it; try again when it has finished"
+            ) from None
+        except OSError as exc:
+            raise StoreWriteError(f"cannot lock store {self.root}: {exc.strerror}") from None
+        try:
+            self._local.depth = 1
+            self._remove_leftovers()
+            self._reload_state()
+            with self.lock:
+                if self._index is not None and self._index_generation != self._generation:
+                    self._index = None  # stale: reload or rebuild it from the table now
+                    _ = self.index
+            yield
+        finally:
+            self._local.depth = 0
+            self._flock.release()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files and folders of writers that died (caller holds the writer lock)."""
+        for pattern in LEFTOVERS:
+            for path in self.root.glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        generation = self.db.generation
+        for path in self.root.glob("index-*.faiss"):  # written, then the commit failed
+            match = INDEX_FILE.match(path.name)
+            if match and int(match.group(1)) > generation:
+                path.unlink(missing_ok=True)
+        if not (self.root / "model").exists() and (self.root / "model.old").is_dir():
+            os.replace(self.root / "model.old", self.root / "model")  # a legacy swap, cut off
+
+    def refresh(self) -> bool:
+        """Catch up with other processes' changes; True when the served index changed.
+
+        Cheap when nothing changed (one SQLite read). While another writer is mid-way (the
+        current generation has no index file yet), the last consistent index and its model
+        keep being served.
+        """
+        with self.lock:
+            if self._index is None or self.db.generation == self._index_generation:
+                return False
+            self._reload_state()
+            return self._load_index_file(self._generation)
 
     def remove_images(self, ids: list[int]) -> int:
-        """Drop images from the table and the index, and persist both; returns rows removed."""
+        """Drop images from the table and the index, all or nothing; returns rows removed."""
         with self.writing():
-            known = self.db.get_many(ids)
+            known = list(self.db.get_many(ids))
             if not known:
                 return 0
-            index = self.index
-            self.db.write(deletes=list(known))
-            index.remove(np.array(list(known), dtype=np.int64))
-            self.save_index()
-            return len(known)
-
-    def save_info(self) -> None:
-        with self.lock:
-            self.info.update(
-                format_version=FORMAT_VERSION,
-                count=len(self.db),
-                metric=METRIC,
-                updated=time.time(),
-                versions=library_versions(),
+            ids = np.array(known, dtype=np.int64)
+            vectors = self.index.reconstruct(ids)
+            self.commit(
+                lambda before: self.db.write(deletes=known, before_commit=before),
+                lambda index, _: index.remove(ids),
+                lambda index, _: index.add(vectors, ids),
             )
-            write_json_atomic(self.root / "info.json", self.info)
+            return len(known)
 
     def disk_bytes(self) -> int:
         """Total size of the store's files."""
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+
+def _read_info(path: Path, root: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreVersionError(f"{path} is not a lookalike store info file: {exc}") from None
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreVersionError(
+            f"store {root} has format version {version}; this lookalike "
+            f"({__version__}) reads version {FORMAT_VERSION}. Re-create it with "
+            "`lookalike index PHOTOS --store NEW_STORE`."
+        )
+    return info

@@ -104,9 +104,10 @@ def template_store(args) -> Path:
     from bench_index import model_config
 
     from lookalike.indexer import index_folder
+    from lookalike.store import is_trained_store
 
     store = args.scratch / ("scale_template_tiny" if args.tiny else "scale_template")
-    if not (store / "model" / "config.json").exists():
+    if not is_trained_store(store):
         print(f"training the template model on {args.source} ...", file=sys.stderr, flush=True)
         shutil.rmtree(store, ignore_errors=True)
         model = model_config(True, 1) if args.tiny else None

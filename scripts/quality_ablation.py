@@ -212,6 +212,8 @@ def load_sets():
 
 
 def embed(name: str, variants: list[str]) -> None:
+    from lookalike.store import is_trained_store
+
     intel, intel_labels, nd, nd_groups = load_sets()
     cache: dict = {}
     for spec in variants:
@@ -235,7 +237,7 @@ def embed(name: str, variants: list[str]) -> None:
         row = {"name": name, "variant": spec or "default"}
         for set_name, paths, target in (("intel", intel, intel_labels), ("neardup", nd, nd_groups)):
             store = OUT / f"{name}-{set_name}"
-            if not (store / "model" / "config.json").exists():
+            if not is_trained_store(store):
                 continue  # not trained (yet)
             scales = tuple(float(x) for x in str(opts["scales"]).split(","))
             key = (set_name, opts["p"], opts["flip"], scales, opts["grids"], opts["mode"])

@@ -283,11 +283,11 @@ def test_run_interrupted_before_the_index_is_saved(store_copy, monkeypatch):
 
     with Store.open(store) as st:
         assert len(st.db) == N + 3 - 1  # the table has the work
-        assert st.info["index_generation"] != st.db.generation  # the index file is stale
+        assert not (store / f"index-{st.db.generation}.faiss").exists()  # the index is stale
     eng = Engine.open(store)
     try:
         assert len(eng.store.index) == N + 2  # rebuilt from the table
-        assert eng.store.info["index_generation"] == eng.store.db.generation
+        assert eng.store.index_path.name == f"index-{eng.store.db.generation}.faiss"
         hits = eng.search_bytes((photos / "new" / "1.jpg").read_bytes(), k=1)
         assert hits[0].path == "new/1.jpg" and hits[0].score >= 0.99
     finally:
@@ -321,7 +321,7 @@ def test_run_interrupted_between_batches_is_continued(store_copy, monkeypatch):
     eng = Engine.open(store)
     try:
         assert len(eng.store.index) == N + 1
-        assert eng.store.info["index_generation"] == eng.store.db.generation
+        assert eng.store.index_path.name == f"index-{eng.store.db.generation}.faiss"
     finally:
         eng.close()
 
@@ -341,13 +341,14 @@ def test_run_interrupted_between_batches_is_continued(store_copy, monkeypatch):
 
 def test_deleted_index_file_then_an_index_run(store_copy):
     photos, store = store_copy
-    os.remove(store / "index.faiss")
+    for path in store.glob("index-*.faiss"):
+        os.remove(path)
     write_photo(photos / "a" / "late.png", 6000)
     report = index_folder(photos, store)
     assert (report.added, report.unchanged, report.images) == (1, N, N + 1)
     with Store.open(store) as st:
         assert st.index_path.exists()
-        assert st.info["index_generation"] == st.db.generation
+        assert st.index_path.name == f"index-{st.db.generation}.faiss"
         assert len(st.index) == N + 1
         ids = np.array(sorted(r.id for r in st.db.records()))
         vecs = st.index.reconstruct(ids)

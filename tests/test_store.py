@@ -94,25 +94,28 @@ def test_write_json_atomic(tmp_path):
 def test_indexed_store_describes_itself(tiny_store, photos_dir):
     with Store.open(tiny_store) as store:
         info = store.info
-        assert info["format_version"] == FORMAT_VERSION
-        assert info["count"] == len(store.db) == len(PHOTO_SEEDS)
         assert info["embedding_dim"] == store.dim == TINY.embedding_dim
         assert info["image_size"] == TINY.image_size
-        assert info["metric"] == METRIC
         assert info["index_type"] == "flat"
-        assert info["index_generation"] == store.db.generation
         assert info["photos_root"] == str(photos_dir.resolve())
-        assert {"python", "lookalike", "tensorflow", "keras", "faiss", "numpy"} <= set(
-            info["versions"]
-        )
         assert store.model_config() == TINY
         assert store.model_serial == 1
-        assert store.index_path.exists()
+        assert store.model_dir == store.root / "model-1"
         assert len(store.index) == len(store.db)
+        assert store.index_path == store.root / f"index-{store.db.generation}.faiss"
+        assert store.index_path.exists()
         assert store.disk_bytes() > 0
         assert not list(store.root.glob("train-*"))  # the training cache is gone
         record = store.training_record()
         assert record["initial_val_loss"] > 0 and record["epochs_run"] >= 1
+    snapshot = json.loads((tiny_store / "info.json").read_text())  # for people to read
+    assert snapshot["format_version"] == FORMAT_VERSION
+    assert snapshot["count"] == len(PHOTO_SEEDS)
+    assert snapshot["metric"] == METRIC
+    assert snapshot["embedding_dim"] == TINY.embedding_dim
+    assert {"python", "lookalike", "tensorflow", "keras", "faiss", "numpy"} <= set(
+        snapshot["versions"]
+    )
 
 
 def test_stored_embeddings_are_unit_float32(tiny_store):
@@ -164,44 +167,56 @@ def test_missing_index_file_is_rebuilt_from_the_table(tmp_path, tiny_store):
         want = _search_all(store)
     store_path = tmp_path / "store"
     shutil.copytree(tiny_store, store_path)
-    os.remove(store_path / "index.faiss")
+    for path in store_path.glob("index-*.faiss"):
+        os.remove(path)
     with Store.open(store_path) as store:
         scores, ids = _search_all(store)
-        assert store.index_path.exists()
-        assert store.info["index_generation"] == store.db.generation
+        assert store.index_path.exists()  # the reader could take the lock: it saved it
+        assert store.index_path.name == f"index-{store.db.generation}.faiss"
     np.testing.assert_array_equal(ids, want[1])
     np.testing.assert_allclose(scores, want[0], atol=1e-5)
 
 
-def test_stale_index_generation_triggers_a_rebuild(tmp_path, tiny_store):
+def test_an_index_file_of_another_generation_is_not_used(tmp_path, tiny_store):
     store_path = tmp_path / "store"
     shutil.copytree(tiny_store, store_path)
     with Store.open(store_path) as store:
         generation = store.db.generation
-    _edit_info(store_path, index_generation=generation - 1)
-    before = (store_path / "index.faiss").stat().st_mtime_ns
+    (store_path / f"index-{generation}.faiss").rename(store_path / f"index-{generation - 1}.faiss")
     with Store.open(store_path) as store:
         assert len(store.index) == len(store.db)
-        assert store.info["index_generation"] == store.db.generation
-    assert (store_path / "index.faiss").stat().st_mtime_ns != before
-    info = json.loads((store_path / "info.json").read_text())
-    assert info["index_generation"] == generation
+    assert [p.name for p in store_path.glob("index*.faiss")] == [f"index-{generation}.faiss"]
 
 
-def test_interrupted_model_swap_is_recovered_on_open(tmp_path, tiny_store):
+def test_a_reader_never_waits_for_a_writer_to_rebuild(tmp_path, tiny_store):
+    store_path = tmp_path / "store"
+    shutil.copytree(tiny_store, store_path)
+    for path in store_path.glob("index-*.faiss"):
+        os.remove(path)
+    with Store.open(store_path) as writer, writer.writing():  # another process, say
+        with Store.open(store_path) as reader:
+            assert len(reader.index) == len(reader.db)  # built in memory, at once
+        assert not list(store_path.glob("index-*.faiss"))  # and not saved without the lock
+
+
+def test_leftovers_of_a_dead_writer_are_removed_under_the_lock(tmp_path, tiny_store):
     from lookalike.engine import Engine
 
     store_path = tmp_path / "store"
     shutil.copytree(tiny_store, store_path)
-    # the crash came between "model -> model.old" and "model.tmp -> model"
-    os.replace(store_path / "model", store_path / "model.old")
-    (store_path / "model.tmp").mkdir()
-    (store_path / "model.tmp" / "encoder.keras").write_bytes(b"half written")
+    (store_path / "model.tmp-abc").mkdir()  # a model being written when it died
+    (store_path / "model.tmp-abc" / "encoder.keras").write_bytes(b"half written")
+    (store_path / "model-2").mkdir()  # complete on disk but never switched to
+    (store_path / "model-2" / "config.json").write_text("{}")
+    (store_path / "train-xyz").mkdir()  # a training cache
+    (store_path / ".tmp-123.faiss").write_bytes(b"partial")
     with Store.open(store_path) as store:
-        assert store.is_trained
-        assert store.model_config() == TINY
-        assert not (store_path / "model.old").exists()
-        assert not (store_path / "model.tmp").exists()
+        assert store.model_config() == TINY  # the switch is the transaction: model 1 it is
+        assert (store_path / "model.tmp-abc").exists()  # a reader removes nothing
+        with store.writing():
+            pass
+        for name in ("model.tmp-abc", "train-xyz", ".tmp-123.faiss"):
+            assert not (store_path / name).exists()
     engine = Engine.open(store_path)
     try:
         hits = engine.search_vectors(engine.store.index.reconstruct(np.array([1])), 1)
@@ -210,13 +225,38 @@ def test_interrupted_model_swap_is_recovered_on_open(tmp_path, tiny_store):
         engine.close()
 
 
-def test_complete_model_next_to_a_leftover_old_one_wins(tmp_path, tiny_store):
+def test_a_legacy_store_is_migrated_into_sqlite(tmp_path, tiny_store):
+    """A store of the previous layout: state in info.json, model/, index.faiss."""
     store_path = tmp_path / "store"
     shutil.copytree(tiny_store, store_path)
-    shutil.copytree(store_path / "model", store_path / "model.old")
-    (store_path / "model.old" / "config.json").write_text("{}")
     with Store.open(store_path) as store:
-        assert store.model_config() == TINY  # model/ was complete: model.old is not used
+        state, generation = dict(store.info), store.db.generation
+    os.replace(store_path / "model-1", store_path / "model")
+    os.replace(store_path / f"index-{generation}.faiss", store_path / "index.faiss")
+    _edit_info(store_path, index_generation=generation, **state)
+    import sqlite3
+
+    with sqlite3.connect(store_path / "images.sqlite") as conn:
+        conn.execute("DELETE FROM meta WHERE key LIKE 'state.%'")
+    with Store.open(store_path) as store:
+        assert store.model_serial == 1 and store.model_config() == TINY
+        assert store.info["photos_root"] == state["photos_root"]
+        assert len(store.index) == len(store.db)
+        assert store.db.snapshot()[1]["model_serial"] == 1  # now in SQLite
+
+
+def test_state_changes_of_two_processes_are_both_kept(tmp_path, tiny_store):
+    store_path = tmp_path / "store"
+    shutil.copytree(tiny_store, store_path)
+    with Store.open(store_path) as a, Store.open(store_path) as b:
+        a.info["dedupe_threshold"] = 0.9
+        b.info["labels_source"] = "folders"
+        b.save_info()  # b's stale copy has no threshold: it must not erase a's
+        a.save_info()
+    with Store.open(store_path) as store:
+        assert store.info["dedupe_threshold"] == 0.9
+        assert store.info["labels_source"] == "folders"
+    assert json.loads((store_path / "info.json").read_text())["dedupe_threshold"] == 0.9
 
 
 def test_copy_model_makes_an_empty_store_that_embeds_like_the_trained_one(

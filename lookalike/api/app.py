@@ -20,6 +20,7 @@ from ..errors import (
     InvalidArgumentError,
     LookalikeError,
     NotFoundError,
+    StoreBusyError,
     StoreError,
 )
 
@@ -126,7 +127,11 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
 
             if settings.store is None:
                 raise RuntimeError("no store configured: set LOOKALIKE_STORE or pass --store")
-            app.state.engine = Engine.open(settings.store, max_pixels=settings.max_image_pixels)
+            app.state.engine = Engine.open(
+                settings.store,
+                max_pixels=settings.max_image_pixels,
+                write_timeout=settings.write_timeout,
+            )
         else:
             app.state.engine = engine
         log.info(
@@ -157,7 +162,10 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     async def lookalike_error(request: Request, exc: LookalikeError):
         for cls, status, kind in STATUS:
             if isinstance(exc, cls):
-                return error_response(status, kind, str(exc))
+                response = error_response(status, kind, str(exc))
+                if isinstance(exc, StoreBusyError):  # a long job holds the store: come back
+                    response.headers["Retry-After"] = str(exc.retry_after)
+                return response
         return error_response(400, "error", str(exc))  # pragma: no cover
 
     from .routes import _Unauthorized, router

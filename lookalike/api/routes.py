@@ -219,6 +219,7 @@ def duplicates(
 @router.get("/health", response_model=Health, tags=["service"])
 def health(engine: EngineDep):
     """Ready when the model and index are loaded (they load before the server accepts requests)."""
+    engine.store.refresh()  # another process may have changed the store since the last query
     return Health(status="ok", images=len(engine.store.index))
 
 

@@ -28,7 +28,7 @@ from ..engine import MAX_K, Engine
 from ..errors import InvalidArgumentError
 from ..images import find_images
 from ..labels import read_labels_csv
-from ..store import UPLOAD_PREFIX, Store
+from ..store import UPLOAD_PREFIX, Store, copy_model
 from . import metrics
 from .baselines import (
     PHASH_DEDUPE_DISTANCE,
@@ -77,7 +77,7 @@ def load_collection(store: Store) -> Collection:
     """Every image of the store with its stored embedding, sorted by path."""
     by_id = {rec.id: rec.path for rec in store.db.records()}
     ids, vecs = [], []
-    for chunk_ids, chunk_vecs in store.db.embeddings(store.dim):
+    for chunk_ids, chunk_vecs in store.embeddings():
         ids.append(chunk_ids)
         vecs.append(chunk_vecs)
     if not ids:
@@ -593,14 +593,9 @@ def make_transformed_set(
 
 def _store_with_model(src: Path, dst: Path, photos: Path) -> None:
     """An empty store at dst that uses the trained model of the store at src."""
-    with Store.open(src) as source:
-        model_dir, serial = source.model_dir, source.model_serial
-        info = {k: source.info[k] for k in ("embedding_dim", "image_size") if k in source.info}
-        source.model_config()  # raises if it has no model
-        with Store.open(dst, create=True, photos=photos) as target:
-            shutil.copytree(model_dir, target.model_dir)
-            target.info.update(info, model_serial=max(1, serial))
-            target.save_info()
+    copy_model(src, dst)
+    with Store.open(dst) as target:
+        target.update_state({"photos_root": str(Path(photos).resolve())})
 
 
 def evaluate_transforms(

@@ -304,7 +304,7 @@ def group_ids(
 
 def _locked(store: Store) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """store.db.embeddings, each chunk read under the store's lock."""
-    chunks = store.db.embeddings(store.dim)
+    chunks = store.embeddings()
     while True:
         with store.lock:
             chunk = next(chunks, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import faiss
@@ -113,6 +114,19 @@ class KnnIndex:
         queries = as_vectors(queries, self.dim)
         return self.index.range_search(queries, float(threshold))
 
+    def ids(self) -> np.ndarray:
+        """Every stored id, (n,) int64 (order unspecified): for consistency checks."""
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is None:  # IndexIDMap2 over a flat index
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        lists = ivf.invlists
+        parts = [
+            faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+            for i in range(ivf.nlist)
+            if lists.list_size(i)
+        ]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of the given ids, (n, dim)."""
         return (
@@ -121,17 +135,36 @@ class KnnIndex:
             else (np.zeros((0, self.dim), np.float32))
         )
 
-    def save(self, path: Path) -> None:
-        """Write atomically: a temporary file renamed over the old one."""
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    def serialize(self) -> bytes:
+        """The index as bytes (faiss.serialize_index): for saving and for in-memory backups."""
+        return faiss.serialize_index(self.index).tobytes()
 
     @classmethod
-    def load(cls, path: Path, index_type: str) -> KnnIndex:
-        return cls(faiss.read_index(str(path)), index_type)
+    def deserialize(cls, data: bytes) -> KnnIndex:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        return cls(index, _kind(index))
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a uniquely named temporary file renamed over path."""
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".faiss")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(self.serialize())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: Path, index_type: str | None = None) -> KnnIndex:
+        index = faiss.read_index(str(path))
+        return cls(index, index_type or _kind(index))
+
+
+def _kind(index: faiss.Index) -> str:
+    """'ivf' for an IVF index (also inside an id map), else 'flat'."""
+    return "ivf" if faiss.try_extract_index_ivf(index) is not None else "flat"
 
 
 # An IVF index probes the fewest lists that keep this recall@10 against exact search.

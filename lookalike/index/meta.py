@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ..errors import StoreWriteError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -25,7 +34,14 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- labels of removed rows, by content: a photo that comes back gets them again
+CREATE TABLE IF NOT EXISTS removed_labels (
+    sha256  TEXT PRIMARY KEY,
+    labels  TEXT NOT NULL,
+    removed REAL NOT NULL                         -- seconds since the epoch
+);
 """
+STATE_PREFIX = "state."  # meta keys holding the store's state (JSON values)
 
 
 @dataclass(frozen=True)
@@ -71,11 +87,22 @@ class MetaDB:
 
     def __init__(self, path: Path):
         self.path = path
-        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(SCHEMA)
-        _migrate(self.conn)
+        # a store on read-only media (or without write permission) can still be searched
+        self.readonly = not os.access(path.parent, os.W_OK) or (
+            path.exists() and not os.access(path, os.W_OK)
+        )
+        if self.readonly:
+            if not path.exists():
+                raise StoreWriteError(f"{path} does not exist and its folder is read-only")
+            uri = f"{path.resolve().as_uri()}?immutable=1"
+            self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            return
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        with _write_errors(path):
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.executescript(SCHEMA)
+            _migrate(self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -86,11 +113,59 @@ class MetaDB:
         return row[0] if row else default
 
     def set_meta(self, key: str, value: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        with self.transaction() as cur:
+            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     @property
     def generation(self) -> int:
         return int(self.get_meta("generation", "0"))
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        """BEGIN IMMEDIATE ... COMMIT; rolled back on any error. A full disk or a read-only
+        store becomes StoreWriteError with SQLite's own reason."""
+        if self.readonly:
+            raise StoreWriteError(f"store table {self.path} is read-only; nothing was changed")
+        cur = self.conn.cursor()
+        with _write_errors(self.path):
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    self.conn.execute("ROLLBACK")
+                raise
+
+    # -- state: every mutable setting of the store, changed in transactions -------------------
+    def snapshot(self) -> tuple[int, dict[str, Any]]:
+        """(generation, state) read in one transaction, so the two agree."""
+        rows = self.conn.execute(
+            "SELECT key, value FROM meta WHERE key = 'generation' OR key LIKE 'state.%'"
+        ).fetchall()
+        generation, state = 0, {}
+        for key, value in rows:
+            if key == "generation":
+                generation = int(value)
+            else:
+                state[key[len(STATE_PREFIX) :]] = json.loads(value)
+        return generation, state
+
+    def set_state(
+        self, updates: dict[str, Any], deletes: Iterable[str] = (), bump: bool = False
+    ) -> None:
+        """Write state keys (JSON values) in one transaction; ``bump`` also advances the
+        generation (a change the index depends on, like a new model)."""
+        with self.transaction() as cur:
+            for key, value in updates.items():
+                cur.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    (STATE_PREFIX + key, json.dumps(value, sort_keys=True)),
+                )
+            for key in deletes:
+                cur.execute("DELETE FROM meta WHERE key = ?", (STATE_PREFIX + key,))
+            if bump:
+                _bump(cur)
 
     # -- writes -------------------------------------------------------------------------------
     def write(
@@ -99,16 +174,18 @@ class MetaDB:
         deletes: Iterable[int] = (),
         touches: Iterable[tuple[int, float, int]] = (),
         model: int = 0,
+        before_commit: Callable[[list[int]], None] | None = None,
     ) -> list[int]:
         """One transaction: insert or replace rows by path, delete ids, update (mtime, size).
 
         ``model`` is the serial of the model that made the upserted embeddings. Returns the ids
-        of the upserted rows in order; replacing a path keeps its id.
+        of the upserted rows in order; replacing a path keeps its id. ``before_commit(ids)``
+        runs inside the transaction, last: if it raises, nothing is written.
         """
         ids: list[int] = []
-        cur = self.conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        deletes = [int(i) for i in deletes]
+        with self.transaction() as cur:
+            _keep_labels(cur, deletes)
             for rec, vec in upserts:
                 blob = np.ascontiguousarray(vec, dtype="<f4").tobytes()
                 labels = "|".join(rec.labels) if rec.labels else None
@@ -132,6 +209,7 @@ class MetaDB:
                     )
                     ids.append(row[0])
                 else:
+                    labels = labels or _restored_labels(cur, rec.sha256)
                     cur.execute(
                         "INSERT INTO images (path, size, mtime, sha256, width, height, embedding,"
                         " labels, model, phash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -149,37 +227,27 @@ class MetaDB:
                         ),
                     )
                     ids.append(cur.lastrowid)
-            cur.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in deletes])
+            cur.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in deletes])
             cur.executemany(
                 "UPDATE images SET mtime = ?, size = ? WHERE id = ?",
                 [(m, s, int(i)) for i, m, s in touches],
             )
-            cur.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(self.generation + 1),)
-            )
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
+            _bump(cur)
+            if before_commit is not None:
+                before_commit(ids)
         return ids
 
     def set_labels(self, path_labels: Iterable[tuple[str, tuple[str, ...]]]) -> int:
         """Set the labels of the given paths in one transaction (no re-embedding); returns the
         number of rows whose path is known."""
-        cur = self.conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            changed = 0
+        changed = 0
+        with self.transaction() as cur:
             for path, labels in path_labels:
                 cur.execute(
                     "UPDATE images SET labels = ? WHERE path = ?",
                     ("|".join(labels) if labels else None, path),
                 )
                 changed += cur.rowcount
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         return changed
 
     # -- reads --------------------------------------------------------------------------------
@@ -234,16 +302,81 @@ class MetaDB:
         for row in self.conn.execute(f"SELECT {_COLUMNS} FROM images ORDER BY id"):
             yield _record(row)
 
-    def embeddings(self, dim: int, chunk: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, vectors) in chunks, in id order: (m,) int64 and (m, dim) float32."""
-        last = -1
+    def embeddings(
+        self, dim: int, chunk: int = 10_000, model: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) in chunks, in id order: (m,) int64 and (m, dim) float32.
+
+        With ``model``, only the rows that model embedded (a retrain that stopped half-way
+        leaves rows of the old one); a blob of the wrong length is skipped, never reshaped.
+        """
+        last, where, args = -1, "", ()
+        if model is not None:
+            where, args = " AND model = ?", (int(model),)
         while True:
             rows = self.conn.execute(
-                "SELECT id, embedding FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+                f"SELECT id, embedding FROM images WHERE id > ?{where} ORDER BY id LIMIT ?",
+                (last, *args, chunk),
             ).fetchall()
             if not rows:
                 return
-            ids = np.array([r[0] for r in rows], dtype=np.int64)
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(-1, dim)
+            last = int(rows[-1][0])
+            good = [r for r in rows if len(r[1]) == 4 * dim]
+            if len(good) < len(rows):
+                log.warning(
+                    "%d stored embeddings are not %d-d; skipped", len(rows) - len(good), dim
+                )
+            if not good:
+                continue
+            ids = np.array([r[0] for r in good], dtype=np.int64)
+            vecs = np.frombuffer(b"".join(r[1] for r in good), dtype="<f4").reshape(-1, dim)
             yield ids, vecs.astype(np.float32)
-            last = int(ids[-1])
+
+    def count(self, model: int | None = None) -> int:
+        """Rows in all, or rows embedded by one model."""
+        if model is None:
+            return len(self)
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM images WHERE model = ?", (model,)
+        ).fetchone()[0]
+
+
+def _bump(cur: sqlite3.Cursor) -> None:
+    """Advance the generation inside the caller's transaction."""
+    row = cur.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+    cur.execute(
+        "INSERT OR REPLACE INTO meta VALUES ('generation', ?)",
+        (str(int(row[0]) + 1 if row else 1),),
+    )
+
+
+def _keep_labels(cur: sqlite3.Cursor, ids: list[int]) -> None:
+    """Remember the labels of rows about to be deleted, by sha256 (a photo that comes back,
+    from a re-index of the right folder or an undo, gets its labels again)."""
+    import time
+
+    for start in range(0, len(ids), 900):
+        chunk = ids[start : start + 900]
+        marks = ",".join("?" * len(chunk))
+        cur.execute(
+            "INSERT OR REPLACE INTO removed_labels SELECT sha256, labels, ? FROM images"
+            f" WHERE id IN ({marks}) AND labels IS NOT NULL",
+            (time.time(), *chunk),
+        )
+
+
+def _restored_labels(cur: sqlite3.Cursor, sha256: str) -> str | None:
+    row = cur.execute("SELECT labels FROM removed_labels WHERE sha256 = ?", (sha256,)).fetchone()
+    return row[0] if row else None
+
+
+@contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """SQLite's reasons for not writing (full disk, read-only file) as one StoreWriteError."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if any(w in text for w in ("full", "readonly", "read-only", "unable to open", "I/O")):
+            raise StoreWriteError(f"cannot write the store table {path}: {text}") from None
+        raise

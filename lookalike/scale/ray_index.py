@@ -396,7 +396,7 @@ def build_ivf_on_ray(
     started = time.perf_counter()
     dim, count = store.dim, len(store.db)
     step = max(1, count // 100_000)
-    train = np.concatenate([v[::step] for _, v in store.db.embeddings(dim)])
+    train = np.concatenate([v[::step] for _, v in store.embeddings()])
     nlist, _ = ivf_params(len(train))
     if len(train) < 2 * nlist:
         store.rebuild_index(requested)
@@ -407,14 +407,14 @@ def build_ivf_on_ray(
     in_flight = max(1, opts.index_tasks or int(ray.cluster_resources().get("CPU", 1)))
     merged = fill_ivf_on_ray(
         trained,
-        store.db.embeddings(dim, chunk=chunk),
+        store.embeddings(chunk=chunk),
         in_flight,
         lambda done: progress("index", done, count),
     )
     knn = KnnIndex(merged, "ivf")
     built = time.perf_counter() - started
-    tuned = tune_nprobe(knn, lambda: store.db.embeddings(dim, chunk=chunk), count)
-    store.info["ivf"] = tuned
+    tuned = tune_nprobe(knn, lambda: store.embeddings(chunk=chunk), count)
+    store.update_state({"ivf": tuned})
     store.set_index(knn, requested)
     return {
         "type": "ivf",

@@ -1,0 +1,272 @@
+"""One store, many users: guard rails, model changes, locks, all-or-nothing writes (issue 13).
+
+Each test works on a private copy of the tiny store (``store_copy``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PHOTO_SEEDS, TINY, photo_name
+from typer.testing import CliRunner
+
+from lookalike.cli import app
+from lookalike.config import IndexOptions
+from lookalike.engine import Engine
+from lookalike.errors import InvalidArgumentError, StoreBusyError, StoreWriteError
+from lookalike.index.knn import KnnIndex
+from lookalike.indexer import index_folder
+from lookalike.store import Store
+
+N = len(PHOTO_SEEDS)
+ONE_EPOCH = TINY.replace(epochs=1)
+
+
+def _rows(store: Path) -> dict[str, tuple]:
+    with Store.open(store) as st:
+        return {r.path: (r.id, r.sha256, r.labels) for r in st.db.records()}
+
+
+# --------------------------------------------------------------------------- guard rails
+
+
+def test_an_empty_folder_does_not_wipe_the_store(store_copy, tmp_path):
+    photos, store = store_copy
+    with Store.open(store) as st:
+        st.db.set_labels([(photo_name(PHOTO_SEEDS[0]), ("keep me",))])
+        root = st.info["photos_root"]
+    before = _rows(store)
+    empty = tmp_path / "unmounted"
+    empty.mkdir()
+    with pytest.raises(InvalidArgumentError, match=r"would remove 30 of .*--prune"):
+        index_folder(empty, store)
+    assert _rows(store) == before  # nothing changed: rows, ids, labels
+    with Store.open(store) as st:
+        assert st.info["photos_root"] == root
+
+
+def test_the_cli_refuses_with_one_line_and_a_non_zero_exit(store_copy, tmp_path):
+    _, store = store_copy
+    (tmp_path / "typo").mkdir()
+    result = CliRunner().invoke(app, ["index", str(tmp_path / "typo"), "--store", str(store)])
+    assert result.exit_code == 1
+    assert "would remove" in result.output and "Traceback" not in result.output
+    assert len(_rows(store)) == N
+
+
+def test_prune_removes_and_labels_come_back_with_their_photos(store_copy, tmp_path):
+    photos, store = store_copy
+    rel = photo_name(PHOTO_SEEDS[0])
+    with Store.open(store) as st:
+        st.db.set_labels([(rel, ("beach", "holiday"))])
+    half = tmp_path / "half"
+    half.mkdir()
+    report = index_folder(half, store, options=IndexOptions(prune=True))
+    assert report.removed == N and report.images == 0
+    report = index_folder(photos, store)  # the right folder again: same photos come back
+    assert report.added == N
+    assert _rows(store)[rel][2] == ("beach", "holiday")
+
+
+def test_removing_less_than_half_needs_no_prune(store_copy):
+    photos, store = store_copy
+    for seed in PHOTO_SEEDS[:3]:
+        (photos / photo_name(seed)).unlink()
+    assert index_folder(photos, store).removed == 3
+
+
+def test_a_store_path_that_is_a_file_is_one_clear_error(tmp_path, photos_dir):
+    target = tmp_path / "notes.txt"
+    target.write_text("not a store")
+    result = CliRunner().invoke(app, ["index", str(photos_dir), "--store", str(target)])
+    assert result.exit_code == 1 and "is a file, not a lookalike store" in result.output
+    assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_a_running_engine_follows_a_retrain_by_another_process(store_copy):
+    photos, store = store_copy
+    engine = Engine.open(store)
+    try:
+        old_serial = engine.serial
+        data = (photos / photo_name(PHOTO_SEEDS[3])).read_bytes()
+        index_folder(
+            photos, store, model=ONE_EPOCH.replace(seed=7), options=IndexOptions(retrain=True)
+        )
+        hits = engine.search_bytes(data, k=3)
+        assert engine.serial == old_serial + 1  # the new model was loaded before embedding
+        assert hits[0].path == photo_name(PHOTO_SEEDS[3]) and hits[0].score >= 0.99
+        ids = engine.add_images([("new.png", (photos / photo_name(PHOTO_SEEDS[5])).read_bytes())])
+        with Store.open(store) as st:
+            assert st.db.file_states()["@uploads/" + st.db.get(ids[0]).path.split("/")[-1]][4] == (
+                old_serial + 1
+            )
+    finally:
+        engine.close()
+
+
+def test_a_retrain_cut_off_after_training_opens_and_finishes(store_copy, monkeypatch):
+    import lookalike.indexer as indexer_module
+
+    photos, store = store_copy
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # killed right after the new model was saved
+
+    monkeypatch.setattr(indexer_module, "_embed_here", killed)
+    with pytest.raises(KeyboardInterrupt):
+        index_folder(
+            photos,
+            store,
+            model=ONE_EPOCH.replace(embedding_dim=8),
+            options=IndexOptions(retrain=True),
+        )
+    monkeypatch.undo()
+    with Store.open(store) as st:  # a new 8-d model, rows still of the old 16-d one
+        assert st.dim == 8 and st.model_serial == 2
+        assert len(st.index) == 0  # only the current model's rows are served
+    report = index_folder(photos, store)
+    assert report.reembedded == N
+    with Store.open(store) as st:
+        assert {s[4] for s in st.db.file_states().values()} == {2}
+        assert len(st.index) == N
+        assert st.info["dedupe_calibration"]["model_serial"] == 2  # calibrated after all
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def test_a_write_waits_briefly_then_says_busy_and_searches_go_on(store_copy):
+    photos, store = store_copy
+    engine = Engine.open(store, write_timeout=0.3)
+    held, release = threading.Event(), threading.Event()
+
+    def long_job():  # another process's index run, say
+        with Store.open(store) as other, other.writing():
+            held.set()
+            release.wait(10)
+
+    job = threading.Thread(target=long_job)
+    job.start()
+    try:
+        held.wait(5)
+        data = (photos / photo_name(PHOTO_SEEDS[1])).read_bytes()
+        done = threading.Event()
+        errors = []
+
+        def upload():
+            try:
+                engine.add_images([("x.png", data)])
+            except StoreBusyError as exc:
+                errors.append(exc)
+            done.set()
+
+        threading.Thread(target=upload).start()
+        started = time.perf_counter()
+        for _ in range(20):  # searches are not held up by the waiting writer
+            assert engine.search_bytes(data, k=1)[0].score >= 0.99
+        assert time.perf_counter() - started < 5
+        assert done.wait(5) and len(errors) == 1 and "busy" in str(errors[0])
+    finally:
+        release.set()
+        job.join()
+        engine.close()
+    assert len(_rows(store)) == N  # the refused upload left nothing
+
+
+def test_an_upload_is_all_or_nothing_when_the_disk_fails(store_copy, monkeypatch):
+    photos, store = store_copy
+    engine = Engine.open(store)
+    try:
+        before = _rows(store)
+        generation = engine.store.db.generation
+        n_index = len(engine.store.index)
+
+        def disk_full(self):
+            raise StoreWriteError("cannot write index: No space left on device")
+
+        monkeypatch.setattr(KnnIndex, "serialize", disk_full)
+        data = (photos / photo_name(PHOTO_SEEDS[2])).read_bytes()
+        with pytest.raises(StoreWriteError, match="No space"):
+            engine.add_images([("a.png", data), ("b.png", data)])
+        monkeypatch.undo()
+        assert _rows(store) == before and engine.store.db.generation == generation
+        assert len(engine.store.index) == n_index
+        assert not list((store / "uploads").glob("*")) if (store / "uploads").exists() else True
+        assert [p.name for p in store.glob("index*.faiss")] == [f"index-{generation}.faiss"]
+        ids = engine.add_images([("a.png", data)])  # and it works once there is room
+        assert engine.search_id(ids[0], k=1)
+    finally:
+        engine.close()
+
+
+def test_a_full_disk_in_sqlite_is_reported_as_such(tmp_path):
+    from lookalike.index.meta import ImageRecord, MetaDB
+
+    db = MetaDB(tmp_path / "t.sqlite")
+    pages = db.conn.execute("PRAGMA page_count").fetchone()[0]
+    db.conn.execute(f"PRAGMA max_page_count = {pages}")
+    rec = ImageRecord(0, "a.jpg", 1, 1.0, "x" * 64, 1, 1)
+    with pytest.raises(StoreWriteError, match="full"):
+        db.write([(rec, np.zeros(4096, np.float32))])
+    assert len(db) == 0
+
+
+def test_a_read_only_store_can_still_be_searched(store_copy, monkeypatch):
+    import lookalike.index.meta as meta
+
+    photos, store = store_copy
+    monkeypatch.setattr(meta.os, "access", lambda path, mode: False)  # as on read-only media
+    engine = Engine.open(store)
+    try:
+        data = (photos / photo_name(PHOTO_SEEDS[4])).read_bytes()
+        assert engine.search_bytes(data, k=1)[0].score >= 0.99
+        with pytest.raises(StoreWriteError, match="read-only"):
+            engine.add_images([("a.png", data)])
+    finally:
+        engine.close()
+
+
+def test_new_rows_are_not_removed_from_the_index_first(store_copy, monkeypatch):
+    """FAISS remove_ids scans the whole index: adding photos must not call it for new rows."""
+    from conftest import write_photo
+
+    photos, store = store_copy
+    for seed in range(500, 505):
+        write_photo(photos / "new" / f"{seed}.png", seed)
+    calls = []
+    real = KnnIndex.remove
+
+    def counting(self, ids):
+        calls.append(len(ids))
+        return real(self, ids)
+
+    monkeypatch.setattr(KnnIndex, "remove", counting)
+    assert index_folder(photos, store).added == 5
+    assert not [c for c in calls if c]
+
+
+def test_http_writes_get_503_with_retry_after_while_a_long_job_runs(store_copy):
+    from fastapi.testclient import TestClient
+
+    from lookalike.api.app import create_app
+    from lookalike.config import Settings
+
+    photos, store = store_copy
+    data = (photos / photo_name(PHOTO_SEEDS[6])).read_bytes()
+    settings = Settings(store=store, write_timeout=0.2)
+    with TestClient(create_app(settings)) as client, Store.open(store) as other:
+        with other.writing():  # `lookalike index` in another process, say
+            r = client.post("/images", files={"file": ("a.png", data)})
+            assert r.status_code == 503 and r.headers["Retry-After"]
+            assert r.json()["error"] == "store_unavailable" and "busy" in r.json()["detail"]
+            assert client.post("/search", files={"file": ("q.png", data)}).status_code == 200
+            first = client.get("/health").json()["images"]
+        assert client.post("/images", files={"file": ("a.png", data)}).status_code == 201
+        assert client.get("/health").json()["images"] == first + 1
