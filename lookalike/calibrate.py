@@ -356,8 +356,6 @@ def calibrate_store(store: Store, embedder: Embedder | None = None, **kwargs: An
     """Calibrate and record the result in the store's info (dedupe_threshold, _calibration)."""
     cal = calibrate(store, embedder, **kwargs)
     with store.writing():
-        store.update_state(
-            {"dedupe_threshold": cal.threshold, "dedupe_calibration": cal.to_dict()}
-        )
+        store.update_state({"dedupe_threshold": cal.threshold, "dedupe_calibration": cal.to_dict()})
     log.info("dedupe threshold %.4f (%s)", cal.threshold, cal.to_dict())
     return cal

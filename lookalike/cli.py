@@ -152,14 +152,8 @@ def index(
             seed=seed,
         )
         model = base.replace(**overrides)
-        options = IndexOptions(
-            index_type=index_type, retrain=retrain, labels=labels, prune=prune
-        )
-        if (
-            any(v is not None for v in overrides.values())
-            and trained
-            and not retrain
-        ):
+        options = IndexOptions(index_type=index_type, retrain=retrain, labels=labels, prune=prune)
+        if any(v is not None for v in overrides.values()) and trained and not retrain:
             err.print("note: model flags apply when training; add --retrain to train anew")
         with progress_bar(sys.stderr.isatty() or not as_json) as progress:
             report = index_folder(
