@@ -207,7 +207,7 @@ class Store:
 
     def save_model(self, result: TrainResult, cfg: ModelConfig) -> None:
         """Write the trained model as a whole: a temporary folder renamed into place."""
-        from PIL import Image
+        from .encoder.pictures import write_pictures
 
         tmp = self.root / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,8 +216,7 @@ class Store:
         result.decoder.save(tmp / "decoder.keras")
         result.whitening.save(tmp / "whitening.npz")
         write_json_atomic(tmp / "training.json", result.history)
-        if result.preview is not None:
-            Image.fromarray(result.preview).save(tmp / "reconstructions.png")
+        write_pictures(tmp, result.history, result.preview)  # loss_curve.png, reconstructions.png
         write_json_atomic(tmp / "config.json", cfg.to_dict())  # last: marks the folder complete
         old = self.root / "model.old"
         if self.model_dir.exists():
