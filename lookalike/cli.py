@@ -271,6 +271,8 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
         print(json.dumps(data))
         return
     table = Table(show_header=False, show_edge=False)
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")  # long paths wrap, never end in an ellipsis
     for key, value in data.items():
         shown = info_value(key, value)
         if shown is not None:

@@ -101,7 +101,8 @@ def loss_curve(history: dict, width: int = 720, height: int = 440) -> Image.Imag
         font=small,
     )
     nx = right - 12
-    for text, colour in (("validation", VAL_COLOUR), ("train", TRAIN_COLOUR)):
+    legend = [("validation", VAL_COLOUR)] + ([("train", TRAIN_COLOUR)] if train else [])
+    for text, colour in legend:
         nx -= int(draw.textlength(text, font=small)) + 20
         draw.rectangle([nx, top + 12, nx + 14, top + 24], fill=colour)
         draw.text((nx + 20, top + 18), text, fill="black", font=small, anchor="lm")
