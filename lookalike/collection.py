@@ -110,7 +110,7 @@ class Collection:
         if isinstance(query, (bytes, bytearray, memoryview)):
             return decode(bytes(query), size, max_pixels=limit)[0]
         if isinstance(query, (str, os.PathLike)):
-            return decode(read_file(Path(query)), size, max_pixels=limit)[0]
+            return decode(read_file(Path(query).expanduser()), size, max_pixels=limit)[0]
         if isinstance(query, Image.Image):
             return from_pil(query, size, max_pixels=limit)
         if isinstance(query, np.ndarray):
@@ -174,7 +174,7 @@ def _upload(image: Query) -> tuple[str, bytes]:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return "upload", bytes(image)
     if isinstance(image, (str, os.PathLike)):
-        return Path(image).name, read_file(Path(image))
+        return Path(image).name, read_file(Path(image).expanduser())
     if isinstance(image, np.ndarray):
         image = array_to_pil(image)
     if isinstance(image, Image.Image):

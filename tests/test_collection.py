@@ -121,3 +121,19 @@ def test_import_loads_neither_tensorflow_nor_faiss():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_readme_example_runs(store_copy, photos_dir, tmp_path, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    _, store = store_copy
+    new = write_photo(tmp_path / "new.jpg", 9002)
+    values = {"STORE": store, "PHOTO": photos_dir / photo_name(SEED), "NEW": new}
+    lines = code.splitlines()
+    for name, value in values.items():
+        (i,) = [n for n, line in enumerate(lines) if line.startswith(f"{name} = ")]
+        lines[i] = f"{name} = {str(value)!r}"
+    exec(compile("\n".join(lines), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "1.000" in printed and str(photos_dir / photo_name(SEED)) in printed
