@@ -151,7 +151,8 @@ def index(
                 ray=RayOptions(address=ray, workers=ray_workers) if ray is not None else None,
             )
     if as_json:
-        print(json.dumps(report.to_dict()))
+        phases = {k: round(v, 3) for k, v in phase_seconds(phases.seconds()).items()}
+        print(json.dumps(report.to_dict() | {"phase_seconds": phases}))
         return
     out.print(
         f"{report.images} images indexed: {report.added} added, {report.updated} updated, "
@@ -167,12 +168,18 @@ def index(
             err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
 
 
-def phase_line(seconds: dict[str, float]) -> str:
-    """`time: scan 0.2 s, train 95.1 s, ...` from the seconds of each progress stage."""
+def phase_seconds(seconds: dict[str, float]) -> dict[str, float]:
+    """Seconds of each progress stage -> seconds of each phase (scan, train, embed, ...)."""
     phases: dict[str, float] = {}
     for stage, s in seconds.items():
         name = PHASE_OF.get(stage, stage)
         phases[name] = phases.get(name, 0.0) + s
+    return phases
+
+
+def phase_line(seconds: dict[str, float]) -> str:
+    """`time: scan 0.2 s, train 95.1 s, ...` from the seconds of each progress stage."""
+    phases = phase_seconds(seconds)
     return "time: " + ", ".join(f"{name} {s:.1f} s" for name, s in phases.items())
 
 

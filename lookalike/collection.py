@@ -112,6 +112,9 @@ class Collection:
         if isinstance(query, (str, os.PathLike)):
             return decode(read_file(Path(query).expanduser()), size, max_pixels=limit)[0]
         if isinstance(query, Image.Image):
+            source = _unread_file(query)
+            if source is not None:  # straight from Image.open: decode its file as files are
+                return decode(read_file(source), size, max_pixels=limit)[0]
             return from_pil(query, size, max_pixels=limit)
         if isinstance(query, np.ndarray):
             return from_pil(array_to_pil(query), size, max_pixels=limit)
@@ -167,6 +170,19 @@ class Collection:
 
     def _matches(self, hits: list[Hit]) -> list[Match]:
         return [Match(h.id, self._path(h.path), h.score, h.labels, h.path) for h in hits]
+
+
+def _unread_file(img: Image.Image) -> Path | None:
+    """The JPEG file a Pillow image was opened from, while its pixels are not read yet.
+
+    Such an image cannot have been edited, and decoding its file gives exactly the collection's
+    preprocessing (JPEG draft mode included), without changing the caller's image object.
+    """
+    name = getattr(img, "filename", "")
+    if img.format in ("JPEG", "MPO") and getattr(img, "tile", None) and name:
+        path = Path(name)
+        return path if path.is_file() else None
+    return None
 
 
 def _upload(image: Query) -> tuple[str, bytes]:

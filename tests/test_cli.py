@@ -59,6 +59,7 @@ def test_index_json_prints_one_object(runner, store_copy):
     assert report["unchanged"] == N - 1
     assert report["failed"] == [] and report["trained"] is False
     assert isinstance(report["seconds"], float) and report["seconds"] >= 0
+    assert list(report["phase_seconds"])[:1] == ["scan"] and "embed" in report["phase_seconds"]
 
 
 def test_index_json_lists_failed_files(runner, store_copy):

@@ -33,6 +33,7 @@ def _query_kinds(path: Path) -> dict:
         "Path": path,
         "bytes": path.read_bytes(),
         "PIL image": pil,
+        "PIL image, unread": Image.open(path),
         "uint8 array": array,
         "float array": array.astype(np.float32) / 255.0,
         "RGBA array": np.dstack([array, np.full(array.shape[:2], 255, np.uint8)]),
@@ -40,7 +41,9 @@ def _query_kinds(path: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "kind", ["str", "Path", "bytes", "PIL image", "uint8 array", "float array", "RGBA array"]
+    "kind",
+    ["str", "Path", "bytes", "PIL image", "PIL image, unread"]
+    + ["uint8 array", "float array", "RGBA array"],
 )
 def test_search_finds_the_stored_photo_first(photos, photos_dir, kind):
     path = photos_dir / photo_name(SEED)
