@@ -76,7 +76,7 @@ def loss_curve(history: dict, width: int = 720, height: int = 440) -> Image.Imag
         return bottom - (value - low) / (high - low) * (bottom - top)
 
     draw.text((left, 12), "training loss (MSE per epoch)", fill="black", font=font)
-    for tick in _nice_ticks(low, high):
+    for tick in [t for t in _nice_ticks(low, high) if low <= t <= high]:
         draw.line([(left, y(tick)), (right, y(tick))], fill=(232, 232, 232))
         draw.text((left - 8, y(tick)), f"{tick:.3g}", fill="black", font=small, anchor="rm")
     for tick in _nice_ticks(1, xmax, 8):
