@@ -23,6 +23,7 @@ from .cli_common import (
     errors_to_exit,
     fail,
     out,
+    print_error,
     progress_bar,
 )
 from .errors import LookalikeError
@@ -183,22 +184,32 @@ def phase_line(seconds: dict[str, float]) -> str:
     return "time: " + ", ".join(f"{name} {s:.1f} s" for name, s in phases.items())
 
 
-def query_files(queries: list[Path]) -> list[Path]:
-    """Each query argument's image files (a file as given, a folder walked recursively).
+def query_files(queries: list[Path]) -> tuple[list[Path], int]:
+    """Each query argument's image files (a file as given, a folder walked recursively), and
+    how many arguments were refused.
 
-    Checked before any model loads: a missing path or a folder without images is an error.
+    Checked before any model loads: a missing path or a folder without images is reported at
+    once, `error: ...` on stderr, and the others still run; with none left, the command exits 1.
     """
     from .images import find_images
 
     files: list[Path] = []
+    refused = 0
     for query in queries:
         if not query.exists():
-            fail(f"no such file or folder: {query}")
+            print_error(f"no such file or folder: {query}")
+            refused += 1
+            continue
         found = list(find_images(query)) if query.is_dir() else [query]
         if not found:
-            fail(f"no images found in {query} (looked for .jpg, .png, .webp, .gif, .bmp, .tif)")
+            print_error(
+                f"no images found in {query} (looked for .jpg, .png, .webp, .gif, .bmp, .tif)"
+            )
+            refused += 1
         files += found
-    return files
+    if not files:
+        raise typer.Exit(1)
+    return files, refused
 
 
 @app.command()
@@ -214,8 +225,7 @@ def search(
     from .engine import Engine
     from .images import read_file
 
-    failed = 0
-    files = query_files(queries)
+    files, failed = query_files(queries)
     with errors_to_exit():
         engine = Engine.open(store)
         for path in files:
@@ -335,8 +345,7 @@ def suggest(
     from .engine import Engine
     from .images import read_file
 
-    failed = 0
-    files = query_files(queries)
+    files, failed = query_files(queries)
     with errors_to_exit():
         engine = Engine.open(store)
         for path in files:

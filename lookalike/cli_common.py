@@ -31,9 +31,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
 
 
-def fail(message: str, code: int = 1) -> None:
-    """Print `error: message` on stderr (no markup parsed in it) and exit with code."""
+def print_error(message: str) -> None:
+    """Print `error: message` on stderr (no markup parsed in the message)."""
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print `error: message` on stderr and exit with code."""
+    print_error(message)
     raise typer.Exit(code)
 
 

@@ -334,3 +334,12 @@ def test_evaluation_cli_does_not_import_the_main_cli():
     code = "import sys, lookalike.evaluation.cli; print('lookalike.cli' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_missing_query_among_good_ones(runner, tiny_store, photos_dir, tmp_path):
+    good = photos_dir / photo_name(2)
+    result = run(runner, "search", tmp_path / "gone.jpg", good, "--store", tiny_store, "--json")
+    assert result.exit_code == 1  # some query failed...
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "gone.jpg" in errors[0]
+    assert [line["query"] for line in _json_lines(result.stdout)] == [str(good)]  # ...not all
