@@ -5,82 +5,67 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from . import __version__
+from .cli_common import (
+    CONTEXT,
+    JsonOpt,
+    Phases,
+    StoreOpt,
+    err,
+    errors_to_exit,
+    fail,
+    out,
+    print_error,
+    progress_bar,
+)
 from .errors import LookalikeError
+from .evaluation.cli import eval_app  # no TensorFlow at import time
 
 app = typer.Typer(
     help="Look-alike photo search and deduplication, trained on your own photos.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=CONTEXT,
 )
-from .evaluation.cli import eval_app  # noqa: E402  (no TensorFlow at import time)
-
 app.add_typer(eval_app, name="eval")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-StoreOpt = Annotated[
-    Path, typer.Option("--store", "-s", help="Store folder.", envvar="LOOKALIKE_STORE")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)
-    raise typer.Exit(code)
+class IndexType(str, Enum):
+    """--index-type: the FAISS index a store keeps."""
+
+    auto = "auto"  # flat below lookalike.index.knn.AUTO_IVF_THRESHOLD images, ivf above
+    flat = "flat"  # exact search
+    ivf = "ivf"  # approximate search, recall measured when built
 
 
-@contextmanager
-def errors_to_exit():
-    """Library errors become one line on stderr and exit status 1, not a traceback."""
-    try:
-        yield
-    except LookalikeError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        err.print("interrupted; the store is consistent and the next run continues the work")
-        raise typer.Exit(130) from None
+# `index` phases as the summary line names them: stages of the progress callbacks -> phase
+PHASE_OF = {"decode": "train", "whitening": "train", "merge": "embed"}
 
 
-@contextmanager
-def progress_bar(enabled: bool):
-    """A rich progress bar fed by (stage, done, total) callbacks; silent when disabled."""
-    if not enabled:
-        yield lambda stage, done, total: None
-        return
-    bar = Progress(
-        TextColumn("{task.description:<14}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-    )
-    tasks: dict[str, int] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        key = "train" if stage.startswith("epoch") else stage
-        if key not in tasks:
-            tasks[key] = bar.add_task(stage, total=total or None)
-        bar.update(tasks[key], completed=done, total=total or None, description=stage)
-
-    with bar:
-        yield update
+def _version(value: bool) -> None:
+    if value:
+        print(f"lookalike {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def main_callback(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -102,14 +87,19 @@ def index(
     latent_dim: Annotated[int | None, typer.Option(help="Embedding dimension.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same model.")] = None,
     index_type: Annotated[
-        str, typer.Option(help="auto, flat (exact) or ivf (approximate).")
-    ] = "auto",
+        IndexType,
+        typer.Option(help="flat: exact; ivf: approximate; auto: flat below 200,000 images."),
+    ] = IndexType.auto,
     retrain: Annotated[
         bool, typer.Option(help="Train a new model even if the store has one.")
     ] = False,
     labels: Annotated[
         str | None,
-        typer.Option(help="Labels from 'folders' (PHOTOS/<label>/...) or a CSV `path,labels`."),
+        typer.Option(
+            metavar="folders|CSV",
+            help="'folders': each photo's folder name is its label; or a CSV file of "
+            "path,labels rows.",
+        ),
     ] = None,
     ray: Annotated[
         str | None,
@@ -152,10 +142,13 @@ def index(
             seed=seed,
         )
         model = base.replace(**overrides)
-        options = IndexOptions(index_type=index_type, retrain=retrain, labels=labels, prune=prune)
+        options = IndexOptions(
+            index_type=index_type.value, retrain=retrain, labels=labels, prune=prune
+        )
         if any(v is not None for v in overrides.values()) and trained and not retrain:
             err.print("note: model flags apply when training; add --retrain to train anew")
-        with progress_bar(sys.stderr.isatty() or not as_json) as progress:
+        phases = Phases()
+        with progress_bar(sys.stderr.isatty() or not as_json, phases) as progress:
             report = index_folder(
                 photos,
                 store,
@@ -165,7 +158,8 @@ def index(
                 ray=RayOptions(address=ray, workers=ray_workers) if ray is not None else None,
             )
     if as_json:
-        print(json.dumps(report.to_dict()))
+        phases = {k: round(v, 3) for k, v in phase_seconds(phases.seconds()).items()}
+        print(json.dumps(report.to_dict() | {"phase_seconds": phases}))
         return
     out.print(
         f"{report.images} images indexed: {report.added} added, {report.updated} updated, "
@@ -174,18 +168,54 @@ def index(
         + (f"; model trained in {report.train_seconds:.1f} s" if report.trained else "")
         + f"; {report.seconds:.1f} s in all"
     )
+    out.print(phase_line(phases.seconds()), highlight=False)
     if report.failed:
         err.print(f"{len(report.failed)} files skipped:")
         for f in report.failed:
             err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
 
 
-def query_files(queries: list[Path]):
-    """Each query argument's image files: a file as given, a folder walked recursively."""
+def phase_seconds(seconds: dict[str, float]) -> dict[str, float]:
+    """Seconds of each progress stage -> seconds of each phase (scan, train, embed, ...)."""
+    phases: dict[str, float] = {}
+    for stage, s in seconds.items():
+        name = PHASE_OF.get(stage, stage)
+        phases[name] = phases.get(name, 0.0) + s
+    return phases
+
+
+def phase_line(seconds: dict[str, float]) -> str:
+    """`time: scan 0.2 s, train 95.1 s, ...` from the seconds of each progress stage."""
+    phases = phase_seconds(seconds)
+    return "time: " + ", ".join(f"{name} {s:.1f} s" for name, s in phases.items())
+
+
+def query_files(queries: list[Path]) -> tuple[list[Path], int]:
+    """Each query argument's image files (a file as given, a folder walked recursively), and
+    how many arguments were refused.
+
+    Checked before any model loads: a missing path or a folder without images is reported at
+    once, `error: ...` on stderr, and the others still run; with none left, the command exits 1.
+    """
     from .images import find_images
 
+    files: list[Path] = []
+    refused = 0
     for query in queries:
-        yield from (find_images(query) if query.is_dir() else [query])
+        if not query.exists():
+            print_error(f"no such file or folder: {query}")
+            refused += 1
+            continue
+        found = list(find_images(query)) if query.is_dir() else [query]
+        if not found:
+            print_error(
+                f"no images found in {query} (looked for .jpg, .png, .webp, .gif, .bmp, .tif)"
+            )
+            refused += 1
+        files += found
+    if not files:
+        raise typer.Exit(1)
+    return files, refused
 
 
 @app.command()
@@ -201,10 +231,10 @@ def search(
     from .engine import Engine
     from .images import read_file
 
-    failed = 0
+    files, failed = query_files(queries)
     with errors_to_exit():
         engine = Engine.open(store)
-        for path in query_files(queries):
+        for path in files:
             try:
                 hits = engine.search_bytes(read_file(path), k)
             except LookalikeError as exc:
@@ -215,12 +245,16 @@ def search(
             if as_json:
                 print(json.dumps({"query": label, "results": [h.to_dict() for h in hits]}))
                 continue
-            table = Table(title=label, title_justify="left", show_edge=False)
+            table = Table(title=escape(label), title_justify="left", show_edge=False)
             table.add_column("rank", justify="right")
             table.add_column("score", justify="right")
-            table.add_column("path")
+            table.add_column("path", overflow="fold")
+            with_labels = any(h.labels for h in hits)
+            if with_labels:
+                table.add_column("labels", overflow="fold")
             for rank, h in enumerate(hits, 1):
-                table.add_row(str(rank), f"{h.score:.4f}", h.path)
+                cells = [str(rank), f"{h.score:.4f}", escape(h.path)]
+                table.add_row(*cells, *([escape(", ".join(h.labels))] if with_labels else []))
             out.print(table)
     if failed:
         raise typer.Exit(1)
@@ -228,12 +262,13 @@ def search(
 
 @app.command()
 def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
-    """Describe a store: images, embedding, index, model and training, size on disk."""
+    """Describe a store: images, embedding, index, model and training, pictures, size on disk."""
     from .store import FORMAT_VERSION, METRIC, Store
 
     with errors_to_exit():
         with Store.open(store) as st:
             training = st.training_record()
+            model_dir = st.model_dir
             data = {
                 "store": str(st.root),
                 "photos": str(st.photos_root) if st.photos_root else None,
@@ -248,7 +283,9 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
                 "train_loss": training["loss"][training["best_epoch"] - 1] if training else None,
                 "val_loss": training.get("best_val_loss"),
                 "epochs": training.get("epochs_run"),
+                "best_epoch": training.get("best_epoch"),
                 "train_seconds": training.get("seconds"),
+                "pictures": [str(p) for p in sorted(model_dir.glob("*.png"))],
                 "disk_bytes": st.disk_bytes(),
                 "format_version": FORMAT_VERSION,
                 "versions": st.snapshot().get("versions", {}),
@@ -257,22 +294,47 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
         print(json.dumps(data))
         return
     table = Table(show_header=False, show_edge=False)
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")  # long paths wrap, never end in an ellipsis
     for key, value in data.items():
-        if key == "versions":
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
-        elif key == "disk_bytes":
-            value = f"{value / 1e6:.1f} MB"
-        elif key == "ivf":
-            if value is None:
-                continue
-            value = (
-                f"nprobe {value['nprobe']}: recall@10 {value['recall_at_10']:.3f} against exact "
-                f"search ({value['queries']} stored vectors)"
-            )
-        elif isinstance(value, float):
-            value = f"{value:.5f}"
-        table.add_row(key, str(value))
+        shown = info_value(key, value)
+        if shown is not None:
+            table.add_row(key, escape(shown))
     out.print(table)
+
+
+def info_value(key: str, value) -> str | None:
+    """One `info` value as a person reads it; None leaves the row out."""
+    if value is None:
+        return None if key == "ivf" else "-"
+    if key == "versions":
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    if key == "pictures":
+        return "\n".join(value) if value else "-"
+    if key == "disk_bytes":
+        return f"{value / 1e6:.1f} MB"
+    if key == "ivf":
+        return (
+            f"nprobe {value['nprobe']}: recall@10 {value['recall_at_10']:.3f} against exact "
+            f"search ({value['queries']} stored vectors)"
+        )
+    if key == "train_seconds":
+        return _duration(value)
+    if key == "images":
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"  # losses: 0.01234, not 0.01234000
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    """105.4 -> '1 min 45 s'; 12.34 -> '12.3 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 @app.command()
@@ -289,10 +351,10 @@ def suggest(
     from .engine import Engine
     from .images import read_file
 
-    failed = 0
+    files, failed = query_files(queries)
     with errors_to_exit():
         engine = Engine.open(store)
-        for path in query_files(queries):
+        for path in files:
             try:
                 labels, hits = engine.suggest_bytes(read_file(path), k, top)
             except LookalikeError as exc:

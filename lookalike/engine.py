@@ -151,9 +151,12 @@ class Engine:
 
     def search_bytes(self, data: bytes, k: int = 10) -> list[Hit]:
         """Neighbours of an uploaded image."""
+        return self.search_pixels(decode(data, self.image_size, max_pixels=self.max_pixels)[0], k)
+
+    def search_pixels(self, pixels: np.ndarray, k: int = 10) -> list[Hit]:
+        """Neighbours of one (s, s, 3) uint8 image, embedded by the model of the served index."""
         for _ in range(3):  # a retrain landing mid-query: embed again with the new model
             embedder, serial = self._current()
-            pixels = decode(data, self.image_size, max_pixels=self.max_pixels)[0]
             try:
                 return self.search_vectors(embedder(pixels[None]), k, serial=serial)[0]
             except _StaleModel:

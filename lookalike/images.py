@@ -132,10 +132,7 @@ def decode(
         img.load()
         if orientation in _EXIF_TRANSPOSE:  # not ImageOps.exif_transpose: it re-encodes the EXIF
             img = img.transpose(_EXIF_TRANSPOSE[orientation])
-        img = _to_rgb(img)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        pixels = np.asarray(img, dtype=np.uint8)
+        pixels = to_pixels(img, size)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -153,6 +150,52 @@ def decode(
     ) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
     return pixels, width, height
+
+
+def to_pixels(img: Image.Image, size: int) -> np.ndarray:
+    """An upright Pillow image -> (size, size, 3) uint8 RGB: decode's last step, for every input."""
+    img = _to_rgb(img)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def from_pil(img: Image.Image, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A Pillow image (its EXIF orientation applied, as for files) -> (size, size, 3) uint8."""
+    if img.width * img.height > max_pixels:
+        raise ImageTooLargeError(
+            f"{img.width}x{img.height} = {img.width * img.height:,} pixels is over the limit "
+            f"of {max_pixels:,}"
+        )
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation in _EXIF_TRANSPOSE:
+        img = img.transpose(_EXIF_TRANSPOSE[orientation])
+    try:
+        return to_pixels(img, size)
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot use the image: {exc}") from None
+
+
+def array_to_pil(array: np.ndarray) -> Image.Image:
+    """An image array -> Pillow: (H, W, 3|4) or (H, W) grey; uint8 0-255 or float 0-1."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or 0 in a.shape:
+        raise ImageDecodeError(
+            f"an image array must be (H, W, 3), (H, W, 4) or (H, W) grey, got shape {a.shape}"
+        )
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all() or a.min() < -1e-3 or a.max() > 1 + 1e-3:
+            raise ImageDecodeError("a float image array must hold values in [0, 1]")
+        a = np.rint(np.clip(a, 0, 1) * 255.0).astype(np.uint8)
+    elif a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        raise ImageDecodeError(
+            f"an image array must be uint8 (0-255) or float (0-1), got {a.dtype}"
+        )
+    return Image.fromarray(np.ascontiguousarray(a))
 
 
 def thumbnail(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:

@@ -130,9 +130,23 @@ class Plan:
     removed_ids: list[int]  # rows whose file is gone
 
 
-def scan(store: Store, photos: Path) -> list[Path]:
-    """The image files under photos, in collection order (the store's own folder excluded)."""
-    return [p for p in find_images(photos) if not p.resolve().is_relative_to(store.root)]
+SCAN_EVERY = 200  # files between two scan progress calls
+
+
+def scan(store: Store, photos: Path, progress: ProgressFn | None = None) -> list[Path]:
+    """The image files under photos, in collection order (the store's own folder excluded).
+
+    progress("scan", found, 0) is called every SCAN_EVERY files and at the end (total unknown).
+    """
+    files: list[Path] = []
+    for p in find_images(photos):
+        if not p.resolve().is_relative_to(store.root):
+            files.append(p)
+            if progress and len(files) % SCAN_EVERY == 0:
+                progress("scan", len(files), 0)
+    if progress:
+        progress("scan", len(files), len(files))
+    return files
 
 
 def plan_changes(store: Store, photos: Path, files: list[Path], report: IndexReport) -> Plan:
@@ -253,7 +267,7 @@ def check_removals(store: Store, photos: Path, files: list[Path], prune: bool) -
 
 def _run(store, photos, model, options, progress, report, ray=None) -> None:
     progress("scan", 0, 0)
-    files = scan(store, photos)
+    files = scan(store, photos, progress)
     check_removals(store, photos, files, options.prune)
     if store.photos_root != photos:
         store.update_state({"photos_root": str(photos)})
@@ -295,11 +309,13 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
 
     count = len(store.db)
     kind = resolve_index_type(requested, count)
+    progress("index", 0, 1)
     if index is None or index.index_type != kind:
         store.rebuild_index(requested)
     else:
         store.update_state({"index_type_requested": requested})
         store.save_index()
+    progress("index", 1, 1)
     report.images = count
     report.failed = sorted(committer.failed.values(), key=lambda f: str(f.path))
     calibration = store.info.get("dedupe_calibration") or {}

@@ -360,7 +360,7 @@ class Store:
     def save_model(self, result: TrainResult, cfg: ModelConfig) -> None:
         """Write the trained model to a new folder and switch to it in one transaction (which
         also advances the generation: every row of the old model is stale from then on)."""
-        from PIL import Image
+        from .encoder.pictures import write_pictures
 
         with self.writing():
             serial = self.model_serial + 1
@@ -370,8 +370,7 @@ class Store:
                 result.decoder.save(tmp / "decoder.keras")
                 result.whitening.save(tmp / "whitening.npz")
                 write_json_atomic(tmp / "training.json", result.history)
-                if result.preview is not None:
-                    Image.fromarray(result.preview).save(tmp / "reconstructions.png")
+                write_pictures(tmp, result.history, result.preview)  # loss curve, reconstructions
                 write_json_atomic(tmp / "config.json", cfg.to_dict())
                 target = self.root / f"model-{serial}"
                 shutil.rmtree(target, ignore_errors=True)  # a dead writer's, never switched to

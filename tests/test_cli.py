@@ -59,6 +59,7 @@ def test_index_json_prints_one_object(runner, store_copy):
     assert report["unchanged"] == N - 1
     assert report["failed"] == [] and report["trained"] is False
     assert isinstance(report["seconds"], float) and report["seconds"] >= 0
+    assert list(report["phase_seconds"])[:1] == ["scan"] and "embed" in report["phase_seconds"]
 
 
 def test_index_json_lists_failed_files(runner, store_copy):
@@ -219,3 +220,126 @@ def test_help_lists_the_commands(runner):
     assert result.exit_code == 0
     for command in ("index", "search", "info"):
         assert command in result.stdout
+
+
+# --------------------------------------------------------------------------- everyday details
+
+
+def test_version_and_short_help(runner):
+    from lookalike import __version__
+
+    result = run(runner, "--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"lookalike {__version__}"
+    for args in (["-h"], ["search", "-h"], ["eval", "retrieval", "-h"], ["labels", "set", "-h"]):
+        result = run(runner, *args)
+        assert result.exit_code == 0, (args, result.output)
+        assert "Usage" in result.stdout
+
+
+def test_help_lists_the_choices_and_cuts_nothing(runner):
+    result = runner.invoke(app, ["index", "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    assert "auto|flat|ivf" in result.stdout
+    assert "…" not in result.stdout, result.stdout  # rich cuts long words with an ellipsis
+    assert "path,labels rows" in " ".join(result.stdout.split()).replace("│ ", "")
+
+
+def test_a_bad_choice_is_refused_before_any_work(runner, tmp_path, photos_dir):
+    result = run(runner, "index", photos_dir, "--store", tmp_path / "s", "--index-type", "hnsw")
+    assert result.exit_code == 2 and "hnsw" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_info_prints_numbers_for_people_and_names_the_pictures(runner, tiny_store):
+    import re
+
+    result = run(runner, "info", "--store", tiny_store)
+    assert result.exit_code == 0, result.output
+    assert not re.search(r"\d\.\d{5}", result.stdout), result.stdout  # no 105.40000
+    assert re.search(r"train_seconds\s+\S+\s+[\d.]+ (s|min)", result.stdout), result.stdout
+    text = "".join(result.stdout.replace("│", " ").split())
+    for name in ("loss_curve.png", "reconstructions.png"):
+        assert name in text
+    pictures = json.loads(run(runner, "info", "--store", tiny_store, "--json").stdout)["pictures"]
+    assert sorted(Path(p).name for p in pictures) == ["loss_curve.png", "reconstructions.png"]
+    assert all(Path(p).is_file() for p in pictures)
+
+
+def test_search_table_shows_labels_like_json(runner, store_copy):
+    photos, store = store_copy
+    name = photo_name(4)
+    assert run(runner, "labels", "set", name, "--store", store, "-l", "beach|sea").exit_code == 0
+    table = run(runner, "search", photos / name, "--store", store, "-k", "2")
+    assert table.exit_code == 0, table.output
+    assert "labels" in table.stdout and "beach, sea" in table.stdout
+    as_json = _json_lines(run(runner, "search", photos / name, "-s", store, "--json").stdout)
+    assert as_json[0]["results"][0]["labels"] == ["beach", "sea"]
+
+
+@pytest.mark.parametrize("command", ["search", "suggest"])
+def test_query_errors_come_before_the_model_loads(
+    runner, tiny_store, tmp_path, monkeypatch, command
+):
+    from lookalike import engine
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the queries were checked")
+
+    monkeypatch.setattr(engine.Engine, "open", no_model)
+    missing = tmp_path / "nope.jpg"
+    assert_one_line_error(
+        run(runner, command, missing, "--store", tiny_store), "error:", "nope.jpg"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    line = assert_one_line_error(run(runner, command, empty, "--store", tiny_store), "error:")
+    assert "no images found" in line and "empty" in line
+
+
+def test_index_ends_with_the_time_of_each_phase(runner, store_copy):
+    photos, store = store_copy
+    write_photo(photos / "a" / "phase_new.jpg", 7100)
+    result = run(runner, "index", photos, "--store", store)
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("time:"))
+    for phase in ("scan", "embed", "index"):
+        assert f"{phase} " in line and " s" in line, line
+
+
+def test_phase_times_count_the_set_up_for_the_next_stage():
+    from lookalike.cli import phase_line
+    from lookalike.cli_common import Phases
+
+    phases = Phases()
+    clock = iter([0.0, 1.0, 5.0, 6.0, 9.0, 9.5]).__next__
+    import lookalike.cli_common as common
+
+    real = common.time.perf_counter
+    common.time.perf_counter = clock
+    try:
+        for stage in ("scan", "scan", "decode", "epoch 1/2", "epoch 2/2", "embed"):
+            phases.see(stage if not stage.startswith("epoch") else "train")
+    finally:
+        common.time.perf_counter = real
+    seconds = phases.seconds()
+    assert seconds == {"scan": 1.0, "decode": 4.0, "train": 4.0, "embed": 0.5}
+    assert phase_line(seconds) == "time: scan 1.0 s, train 8.0 s, embed 0.5 s"
+
+
+def test_evaluation_cli_does_not_import_the_main_cli():
+    import subprocess
+    import sys
+
+    code = "import sys, lookalike.evaluation.cli; print('lookalike.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_missing_query_among_good_ones(runner, tiny_store, photos_dir, tmp_path):
+    good = photos_dir / photo_name(2)
+    result = run(runner, "search", tmp_path / "gone.jpg", good, "--store", tiny_store, "--json")
+    assert result.exit_code == 1  # some query failed...
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "gone.jpg" in errors[0]
+    assert [line["query"] for line in _json_lines(result.stdout)] == [str(good)]  # ...not all

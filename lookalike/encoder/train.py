@@ -18,7 +18,8 @@ from .model import NORM_EPS, build_autoencoder, normalize_pixels
 
 log = logging.getLogger(__name__)
 
-# progress(stage, done, total): stage is "epoch <i>/<n>" while training
+# progress(stage, done, total): while training, stage is "epoch <i>/<n>" and done/total count the
+# steps of all n planned epochs (one bar); the last training call says why it stopped
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -106,7 +107,7 @@ def train_autoencoder(
             seed = tf.constant([cfg.seed, epoch * 1_000_003 + step], tf.int32)
             losses.append(float(train_step(pixels[idx], seed)))
             if progress:
-                progress(f"epoch {epoch + 1}/{epochs}", step + 1, steps)
+                progress(f"epoch {epoch + 1}/{epochs}", epoch * steps + step + 1, epochs * steps)
         vl = val_loss()
         history["loss"].append(float(np.mean(losses)))
         history["val_loss"].append(vl)
@@ -118,15 +119,19 @@ def train_autoencoder(
             if waited >= cfg.patience:
                 break
     autoencoder.set_weights(best_weights)
+    run = len(history["val_loss"])
     history.update(
         best_epoch=int(np.argmin(history["val_loss"])) + 1,
         best_val_loss=float(best),
-        epochs_run=len(history["val_loss"]),
+        epochs_run=run,
+        epochs_planned=epochs,
+        stopped_early=run < epochs,
         train_images=len(train_idx),
         val_images=int(n_val),
         seconds=round(time.perf_counter() - started, 2),
     )
-    if progress:
+    if progress:  # the bar ends where training ended, saying why
+        progress(stop_reason(history), run * steps, run * steps)
         progress("whitening", 0, 1)
     whitening = fit_whitening(Embedder(encoder, None, cfg), pixels, cfg)
     if progress:
@@ -137,6 +142,14 @@ def train_autoencoder(
         recon = _destandardize(recon, preview_src.astype(np.float32) / 255.0, cfg.input_norm)
     preview = _preview(preview_src, recon)
     return TrainResult(encoder, decoder, whitening, history, preview)
+
+
+def stop_reason(history: dict) -> str:
+    """Why training ended, e.g. `epoch 42/60: stopped early, best val loss 0.0123 at epoch 36`."""
+    run, planned = history["epochs_run"], history.get("epochs_planned", history["epochs_run"])
+    why = "stopped early" if run < planned else "done"
+    best = f"best val loss {history['best_val_loss']:.4g} at epoch {history['best_epoch']}"
+    return f"epoch {run}/{planned}: {why}, {best}"
 
 
 def _destandardize(recon: np.ndarray, src: np.ndarray, mode: str) -> np.ndarray:

@@ -1,6 +1,7 @@
 """`lookalike eval retrieval|neardup`: parse flags, call one driver of .run, print a table or JSON.
 
-Registered on the main app by lookalike/cli.py; TensorFlow loads only when a command runs.
+Registered on the main app by lookalike/cli.py; shares lookalike/cli_common.py with it (no import
+of the main CLI from here). TensorFlow loads only when a command runs.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
+
+from ..cli_common import CONTEXT, JsonOpt, errors_to_exit, fail, out, progress_bar
 
 eval_app = typer.Typer(
     help="Measure retrieval and near-duplicate quality against baselines.",
     no_args_is_help=True,
+    context_settings=CONTEXT,
 )
-out = Console()
 
 PhotosArg = Annotated[Path, typer.Argument(help="Folder of photos (walked recursively).")]
 EvalStoreOpt = Annotated[
@@ -28,7 +30,6 @@ EvalStoreOpt = Annotated[
         "--store", "-s", help="Store of PHOTOS to evaluate; default: train a temporary one."
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 # advanced: the model a temporary store trains (tests pass a tiny one)
 EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs (upper bound).", hidden=True)]
 ImageSizeOpt = Annotated[int | None, typer.Option(help="Model input side, pixels.", hidden=True)]
@@ -56,8 +57,6 @@ def _model(model_config: str | None, epochs: int | None, image_size: int | None)
 
 def _run(driver, **kwargs) -> dict[str, Any]:
     """Call a driver with the main CLI's progress bar and error handling."""
-    from ..cli import errors_to_exit, progress_bar
-
     with errors_to_exit():
         with progress_bar(sys.stderr.isatty()) as progress:
             return driver(progress=progress, **kwargs)
@@ -144,7 +143,6 @@ def retrieval(
 ) -> None:
     """Every labelled photo (PHOTOS/<label>/<file>) queries the others: p@1, p@k, map@k, kNN vote,
     and the suggested labels' p@3, r@3 and best micro-F1."""
-    from ..cli import errors_to_exit
     from .run import evaluate_retrieval
 
     with errors_to_exit():
@@ -174,7 +172,6 @@ def neardup(
     model_config: ModelConfigOpt = None,
 ) -> None:
     """Near-duplicate search and dedupe: recall@3, mrr, pair P/R/F1, recall at precision 0.95."""
-    from ..cli import errors_to_exit, fail
     from .run import evaluate_neardup, evaluate_transforms
 
     if (groups is None) == (not transforms):

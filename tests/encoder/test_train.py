@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY, make_photo
 
 from lookalike.encoder.embed import Embedder, Whitening
-from lookalike.encoder.train import TrainResult, train_autoencoder
+from lookalike.encoder.train import TrainResult, stop_reason, train_autoencoder
 from lookalike.store import Store
 
 # 48 images, batch 8: 5 training steps per epoch (43 training, 5 validation images)
@@ -61,6 +61,27 @@ def test_progress_reports_epochs_and_whitening(trained):
     assert stages[-1] == "whitening"
     done, total = trained[1][0][1:]
     assert 1 <= done <= total
+
+
+def test_training_is_one_bar_over_the_planned_epochs_that_says_why_it_stopped(trained):
+    h = trained[0].history
+    calls = [c for c in trained[1] if c[0].startswith("epoch")]
+    steps = -(-h["train_images"] // CFG.batch_size)
+    *running, last = calls
+    assert {total for _, _, total in running} == {CFG.epochs * steps}  # one bar, not one an epoch
+    dones = [done for _, done, _ in running]
+    assert dones == sorted(dones) and dones[0] == 1 and dones[-1] == h["epochs_run"] * steps
+    assert running[-1][0] == f"epoch {h['epochs_run']}/{CFG.epochs}"
+    assert last[1] == last[2] == h["epochs_run"] * steps  # the bar ends complete
+    assert last[0] == stop_reason(h)
+    assert f"best val loss {h['best_val_loss']:.4g} at epoch {h['best_epoch']}" in last[0]
+    assert h["epochs_planned"] == CFG.epochs and h["stopped_early"] is (h["epochs_run"] < 4)
+
+
+def test_stop_reason_names_an_early_stop():
+    history = {"epochs_run": 42, "epochs_planned": 60, "best_val_loss": 0.01234, "best_epoch": 36}
+    assert stop_reason(history) == "epoch 42/60: stopped early, best val loss 0.01234 at epoch 36"
+    assert "done" in stop_reason(history | {"epochs_run": 60})
 
 
 def test_preview_is_originals_over_reconstructions(trained):
