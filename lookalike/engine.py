@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from .errors import InvalidArgumentError, NotFoundError
-from .images import DEFAULT_MAX_PIXELS, decode, phash64
+from .images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, decode, phash64
 from .index.meta import ImageRecord
 from .labels import vote
 from .store import UPLOAD_PREFIX, Store
@@ -57,11 +57,13 @@ class Engine:
         embedder: Embedder | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         single_thread_faiss: bool = True,
+        max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     ):
         self.store = store
         self.cfg = store.model_config()
         self.embedder = embedder or store.load_embedder()
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         self.single_thread_faiss = single_thread_faiss
         _ = store.index  # load (or rebuild) the index now, not on the first query
         self.embed(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace once
@@ -74,6 +76,11 @@ class Engine:
         self.store.close()
 
     @property
+    def decode_limits(self) -> dict[str, int]:
+        """The keyword arguments of images.decode and images.thumbnail that bound a decode."""
+        return {"max_pixels": self.max_pixels, "max_bytes": self.max_decode_bytes}
+
+    @property
     def image_size(self) -> int:
         return self.cfg.image_size
 
@@ -83,7 +90,7 @@ class Engine:
 
     def embed_bytes(self, data: bytes) -> np.ndarray:
         """One image's bytes -> (d,) unit vector; ImageError if they are not a usable image."""
-        pixels = decode(data, self.image_size, max_pixels=self.max_pixels)[0]
+        pixels = decode(data, self.image_size, **self.decode_limits)[0]
         return self.embed(pixels[None])[0]
 
     def search_vectors(
@@ -150,7 +157,7 @@ class Engine:
         """
         decoded = []
         for name, data in files:
-            pixels, width, height = decode(data, self.image_size, max_pixels=self.max_pixels)
+            pixels, width, height = decode(data, self.image_size, **self.decode_limits)
             decoded.append((name, data, pixels, width, height))
         vectors = self.embed(np.stack([d[2] for d in decoded])) if decoded else None
         if vectors is None:

@@ -178,7 +178,9 @@ def _decoder_bytes(img: Image.Image, full_size: tuple[int, int]) -> int:
     """Memory the format's decoder holds besides the image, while the image loads."""
     if img.format == "WEBP":
         return img.width * img.height * 4
-    if img.format in ("JPEG", "MPO") and (img.info.get("progressive") or img.info.get("progression")):
+    if img.format in ("JPEG", "MPO") and (
+        img.info.get("progressive") or img.info.get("progression")
+    ):
         layers = getattr(img, "layer", None) or [(None, 1, 1, 0)]
         h_max = max(layer[1] for layer in layers)
         v_max = max(layer[2] for layer in layers)
@@ -320,11 +322,15 @@ def phash64(pixels: np.ndarray) -> int:
 
 
 def load_image(
-    source: Path | str | bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: Path | str | bytes,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> np.ndarray:
     """The single preprocessing function: a file path or bytes -> (size, size, 3) uint8 RGB."""
     data = source if isinstance(source, bytes) else read_file(Path(source))
-    return decode(data, size, max_pixels=max_pixels)[0]
+    return decode(data, size, max_pixels=max_pixels, max_bytes=max_bytes)[0]
 
 
 def read_file(path: Path) -> bytes:
@@ -337,16 +343,24 @@ def read_file(path: Path) -> bytes:
         raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def decode_file(path: Path, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_file(
+    path: Path,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> DecodedImage:
     """Read, hash and decode one file."""
     data = read_file(path)
-    pixels, width, height = decode(data, size, max_pixels=max_pixels)
+    pixels, width, height = decode(data, size, max_pixels=max_pixels, max_bytes=max_bytes)
     return DecodedImage(path, pixels, width, height, len(data), hashlib.sha256(data).hexdigest())
 
 
-def _decode_or_fail(path: Path, size: int, max_pixels: int) -> DecodedImage | FailedImage:
+def _decode_or_fail(
+    path: Path, size: int, max_pixels: int, max_bytes: int = DEFAULT_MAX_DECODE_BYTES
+) -> DecodedImage | FailedImage:
     try:
-        return decode_file(path, size, max_pixels=max_pixels)
+        return decode_file(path, size, max_pixels=max_pixels, max_bytes=max_bytes)
     except ImageError as exc:
         return FailedImage(path, str(exc))
     except Exception as exc:  # a decoder bug on one odd file must not stop a batch run
@@ -360,6 +374,7 @@ def iter_batches(
     *,
     workers: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> Iterator[tuple[list[DecodedImage], list[FailedImage]]]:
     """Decode files in batches on a thread pool, one batch ahead of the consumer.
 
@@ -379,7 +394,9 @@ def iter_batches(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: list[Future] | None = None
         for chunk in chunks():
-            submitted = [pool.submit(_decode_or_fail, p, size, max_pixels) for p in chunk]
+            submitted = [
+                pool.submit(_decode_or_fail, p, size, max_pixels, max_bytes) for p in chunk
+            ]
             if pending is not None:
                 yield _split([f.result() for f in pending])
             pending = submitted

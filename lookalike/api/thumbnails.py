@@ -1,0 +1,94 @@
+"""The thumbnail cache: a fixed set of sizes, made once, kept in STORE/thumbnails, removed with
+their image.
+
+A file is `{id}-{sha256[:12]}-{size}.jpg`: the id finds every thumbnail of a row, the hash
+prefix tells a thumbnail of a file since changed. Only SIZES are made, so the cache holds at most
+len(SIZES) files a photo, whatever sizes clients ask for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import InvalidArgumentError, NotFoundError
+from ..images import read_file, thumbnail
+
+log = logging.getLogger(__name__)
+
+SIZES = (128, 256, 512, 1024)  # longest side, pixels
+FOLDER = "thumbnails"
+
+
+def thumbnail_size(requested: int) -> int:
+    """The size served for a requested one: the smallest of SIZES at least as large."""
+    for size in SIZES:
+        if requested <= size:
+            return size
+    raise InvalidArgumentError(f"thumbnail size must be at most {SIZES[-1]}, got {requested}")
+
+
+def cached_thumbnail(engine, image_id: int, size: int) -> bytes:
+    """The JPEG thumbnail of a stored image at one of SIZES, from the cache or made and cached.
+
+    A thumbnail made while its row is being removed is removed again (the row is checked after
+    the file is in place, and DELETE removes thumbnails after the row), so none outlives it.
+    """
+    if size not in SIZES:
+        raise InvalidArgumentError(f"thumbnail size must be one of {SIZES}, got {size}")
+    record, path = _record(engine, image_id)
+    folder = engine.store.root / FOLDER
+    stem = f"{image_id}-{record.sha256[:12]}-"
+    cache = folder / f"{stem}{size}.jpg"
+    try:
+        return cache.read_bytes()
+    except FileNotFoundError:
+        pass
+    data = thumbnail(read_file(path), size, **engine.decode_limits)
+    folder.mkdir(exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{uuid.uuid4().hex}.tmp")  # unique per request
+    tmp.write_bytes(data)
+    os.replace(tmp, cache)
+    current = engine.store.db.get(image_id)
+    if current is None:
+        cache.unlink(missing_ok=True)
+        raise NotFoundError(f"no image with id {image_id}")
+    for old in folder.glob(f"{image_id}-*.jpg"):  # thumbnails of the file before it changed
+        if not old.name.startswith(f"{image_id}-{current.sha256[:12]}-"):
+            old.unlink(missing_ok=True)
+    return data
+
+
+def _record(engine, image_id: int):
+    record = engine.store.db.get(image_id)
+    if record is None:
+        raise NotFoundError(f"no image with id {image_id}")
+    path = engine.store.file_path(record.path)
+    if not path.is_file():
+        raise NotFoundError(f"image {image_id} ({record.path}) is no longer on disk")
+    return record, path
+
+
+def remove_thumbnails(store_root: Path | str, image_ids: Iterable[int]) -> int:
+    """Remove every cached thumbnail (and leftover temporary file) of these ids; how many.
+
+    Call it after the rows are removed (committed): a thumbnail being made for one of them at
+    that moment sees the row gone and removes its own file.
+    """
+    folder = Path(store_root) / FOLDER
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for image_id in image_ids:
+        for path in folder.glob(f"{int(image_id)}-*"):
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the row is gone already: a stale file is no reason to fail
+                log.warning("cannot remove thumbnail %s: %s", path, exc)
+    return removed
