@@ -109,8 +109,17 @@ def one(case: str, path: Path) -> None:
         outcome = f"refused: {exc}"
     took = time.perf_counter() - started
     peak = status_kb("VmHWM")  # not ru_maxrss: it keeps the forking parent's peak
-    print(json.dumps({"case": case, "file_bytes": len(data), "peak_mb": (peak - before) / 1024,
-                      "seconds": round(took, 3), "outcome": outcome[:140]}))
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "file_bytes": len(data),
+                "peak_mb": (peak - before) / 1024,
+                "seconds": round(took, 3),
+                "outcome": outcome[:140],
+            }
+        )
+    )
 
 
 def bench_decode(tmp: Path) -> list[dict]:
@@ -118,11 +127,18 @@ def bench_decode(tmp: Path) -> list[dict]:
     for case, (make, *_) in CASES.items():
         path = tmp / case
         path.write_bytes(make())  # made here: the child's peak is its decode's alone
-        out = subprocess.run([sys.executable, __file__, "--one", case, str(path)],
-                             capture_output=True, text=True, check=True, env=os.environ)
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", case, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=os.environ,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  {rows[-1]['case']:26s} {rows[-1]['file_bytes']:>11,} B  peak +"
-              f"{rows[-1]['peak_mb']:7.1f} MB  {rows[-1]['seconds']:6.2f} s  {rows[-1]['outcome']}")
+        print(
+            f"  {rows[-1]['case']:26s} {rows[-1]['file_bytes']:>11,} B  peak +"
+            f"{rows[-1]['peak_mb']:7.1f} MB  {rows[-1]['seconds']:6.2f} s  {rows[-1]['outcome']}"
+        )
     return rows
 
 
@@ -135,8 +151,15 @@ def tiny_store(root: Path) -> Path:
     photos.mkdir()
     for i in range(40):
         (photos / f"p{i:02d}.jpg").write_bytes(photo(96, 72, "JPEG", seed=i))
-    model = ModelConfig(image_size=32, filters=(8, 16, 16, 16), code_channels=4,
-                        pooled_levels=(2, 3, 4), embedding_dim=16, epochs=2, batch_size=16)
+    model = ModelConfig(
+        image_size=32,
+        filters=(8, 16, 16, 16),
+        code_channels=4,
+        pooled_levels=(2, 3, 4),
+        embedding_dim=16,
+        epochs=2,
+        batch_size=16,
+    )
     index_folder(photos, root / "store", model=model)
     return root / "store"
 
@@ -169,7 +192,10 @@ def bench_serve(store: Path, clients: int) -> dict:
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "lookalike", "serve", "--store", str(store), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ,
+        cwd=store.parent,  # `-m` puts the working folder first: PYTHONPATH picks the checkout
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -215,9 +241,16 @@ def bench_serve(store: Path, clients: int) -> dict:
     codes: dict[int, int] = {}
     for code, _ in answers:
         codes[code] = codes.get(code, 0) + 1
-    return {"clients": clients, "rss_idle_mb": idle / 1024, "rss_peak_mb": peak[0] / 1024,
-            "rss_after_mb": after / 1024, "seconds": round(took, 2), "codes": codes,
-            "first_answer": answers[0][1], "search_after": ok.status_code}
+    return {
+        "clients": clients,
+        "rss_idle_mb": idle / 1024,
+        "rss_peak_mb": peak[0] / 1024,
+        "rss_after_mb": after / 1024,
+        "seconds": round(took, 2),
+        "codes": codes,
+        "first_answer": answers[0][1],
+        "search_after": ok.status_code,
+    }
 
 
 def main() -> None:
@@ -231,8 +264,10 @@ def main() -> None:
         return one(args.one[0], Path(args.one[1]))
     import lookalike
 
-    print(f"lookalike from {Path(lookalike.__file__).parent}; cpus {os.cpu_count()}; "
-          f"load {os.getloadavg()[0]:.2f}")
+    print(
+        f"lookalike from {Path(lookalike.__file__).parent}; cpus {os.cpu_count()}; "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
     if args.only != "serve":
         print("one decode, peak RSS growth in a fresh process:")
         with tempfile.TemporaryDirectory() as tmp:
@@ -243,6 +278,7 @@ def main() -> None:
             result = bench_serve(store, args.clients)
         print(f"serve, {args.clients} concurrent bomb searches:")
         print(json.dumps(result, indent=1))
+        print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

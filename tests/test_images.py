@@ -854,3 +854,9 @@ def test_decodes_hold_one_of_a_few_slots(tmp_path, monkeypatch):
         list(pool.map(lambda _: decode(data, SIZE), range(8)))
         list(pool.map(lambda _: images.thumbnail(data, 32), range(8)))
     assert entered == 16 and peak == 2
+
+
+def test_pillow_maps_big_images_in_blocks_it_can_give_back():
+    from lookalike import images
+
+    assert Image.core.get_block_size() == images.BLOCK_BYTES > 32 * 1024 * 1024
