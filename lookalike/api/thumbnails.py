@@ -45,13 +45,18 @@ def cached_thumbnail(engine, image_id: int, size: int) -> bytes:
     cache = folder / f"{stem}{size}.jpg"
     try:
         return cache.read_bytes()
-    except FileNotFoundError:
+    except OSError:  # not made yet (or unreadable: made again)
         pass
     data = thumbnail(read_file(path), size, **engine.decode_limits)
-    folder.mkdir(exist_ok=True)
     tmp = cache.with_name(f"{cache.name}.{uuid.uuid4().hex}.tmp")  # unique per request
-    tmp.write_bytes(data)
-    os.replace(tmp, cache)
+    try:
+        folder.mkdir(exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, cache)
+    except OSError as exc:  # a full disk or a read-only store: serve it, uncached
+        log.warning("cannot cache thumbnail %s: %s", cache.name, exc)
+        tmp.unlink(missing_ok=True)
+        return data
     current = engine.store.db.get(image_id)
     if current is None:
         cache.unlink(missing_ok=True)

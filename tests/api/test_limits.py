@@ -297,3 +297,19 @@ def test_serve_sets_a_keep_alive_timeout(tiny_store, monkeypatch):
     result = CliRunner().invoke(app, ["serve", "--store", str(tiny_store), "--port", "8765"])
     assert result.exit_code == 0, result.output
     assert seen["timeout_keep_alive"] == 5 and seen["port"] == 8765
+
+
+def test_a_thumbnail_that_cannot_be_cached_is_still_served(client, api_store, monkeypatch):
+    (image_id,) = client.post("/images", files=files(png(200, 150, 6))).json()["ids"]
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(thumbnails.os, "replace", disk_full)
+    try:
+        r = client.get(f"/images/{image_id}/thumbnail?size=128")
+        assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+        assert thumbs(api_store, image_id) == set()  # nothing cached, no temporary file left
+    finally:
+        monkeypatch.undo()
+        client.delete(f"/images/{image_id}")
