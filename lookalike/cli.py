@@ -472,6 +472,7 @@ def serve(
         port=port,
         workers=workers,
         log_level="info",
+        timeout_keep_alive=5,  # s an idle connection stays open: a page's thumbnails, no more
     )
 
 

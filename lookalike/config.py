@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -94,6 +95,7 @@ class IndexOptions:
     retrain: bool = False  # train a new model even if the store has one
     workers: int = 2  # decoding threads
     max_pixels: int = 64_000_000  # images with more pixels are skipped as possible bombs
+    max_decode_bytes: int = 100_000_000  # images whose decoding needs more memory are skipped
     labels: str | None = None  # "folders", a labels CSV path, or None to keep the store's source
     prune: bool = False  # allow a run to remove more than half of the stored rows (or all)
 
@@ -119,10 +121,13 @@ class Settings(BaseSettings):
     port: int = 8000
     workers: int = 1
     max_upload_bytes: int = 20 * 1024 * 1024  # request bodies above this get 413
+    body_timeout_s: float = 20.0  # a request body that stops arriving this long gets 408
     max_image_pixels: int = 64_000_000  # decoded images above this are refused (bombs)
+    max_decode_bytes: int = 100_000_000  # memory one decode may hold (images.decode_cost)
     api_key: str | None = None  # when set, POST /images and DELETE need X-API-Key
     cors_origins: list[str] = []  # closed by default
-    thumbnail_size: int = 256  # default thumbnail side in pixels
+    thumbnail_size: int = Field(256, ge=1, le=1024)  # default thumbnail side, pixels (served at
+    # the next size of lookalike.api.thumbnails.SIZES up)
     write_timeout: float = 2.0  # seconds a write waits for the store's lock before 503
 
 

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from .errors import InvalidArgumentError, NotFoundError, StoreBusyError, StoreWriteError
-from .images import DEFAULT_MAX_PIXELS, decode, phash64
+from .images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, decode, phash64
 from .index.meta import ImageRecord
 from .labels import vote
 from .store import UPLOAD_PREFIX, Store
@@ -59,9 +59,11 @@ class Engine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         single_thread_faiss: bool = True,
         write_timeout: float | None = None,
+        max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     ):
         self.store = store
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         self.single_thread_faiss = single_thread_faiss
         self.write_timeout = write_timeout  # seconds a write waits for the store (None: ever)
         self._model_lock = threading.Lock()
@@ -94,6 +96,11 @@ class Engine:
         self.store.close()
 
     @property
+    def decode_limits(self) -> dict[str, int]:
+        """The keyword arguments of images.decode and images.thumbnail that bound a decode."""
+        return {"max_pixels": self.max_pixels, "max_bytes": self.max_decode_bytes}
+
+    @property
     def image_size(self) -> int:
         return self.cfg.image_size
 
@@ -103,7 +110,7 @@ class Engine:
 
     def embed_bytes(self, data: bytes) -> np.ndarray:
         """One image's bytes -> (d,) unit vector; ImageError if they are not a usable image."""
-        pixels = decode(data, self.image_size, max_pixels=self.max_pixels)[0]
+        pixels = decode(data, self.image_size, **self.decode_limits)[0]
         return self.embed(pixels[None])[0]
 
     def search_vectors(
@@ -151,7 +158,7 @@ class Engine:
 
     def search_bytes(self, data: bytes, k: int = 10) -> list[Hit]:
         """Neighbours of an uploaded image."""
-        return self.search_pixels(decode(data, self.image_size, max_pixels=self.max_pixels)[0], k)
+        return self.search_pixels(decode(data, self.image_size, **self.decode_limits)[0], k)
 
     def search_pixels(self, pixels: np.ndarray, k: int = 10) -> list[Hit]:
         """Neighbours of one (s, s, 3) uint8 image, embedded by the model of the served index."""
@@ -187,7 +194,7 @@ class Engine:
         the index file are written in one commit that a failure (a full disk) rolls back whole.
         """
         decoded = [
-            (name, data, *decode(data, self.image_size, max_pixels=self.max_pixels))
+            (name, data, *decode(data, self.image_size, **self.decode_limits))
             for name, data in files
         ]
         if not decoded:

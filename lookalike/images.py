@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import struct
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,23 @@ from .errors import ImageDecodeError, ImageError, ImageTooLargeError
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF"})
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger images are refused as possible bombs
+# Memory one decode may hold at its peak (see decode_cost). 100 MB: a 24 Mpx (6000 x 4000) PNG or
+# TIFF (96 MB as Pillow holds RGB, 4 bytes a pixel) decodes; a baseline JPEG of any size within
+# the pixel limit costs a few MB (draft: 1/8 scale); a 1-bit or palette image of 64 Mpx
+# (128 / 320 MB) is refused, however small its file.
+DEFAULT_MAX_DECODE_BYTES = 100_000_000
+# Decodes running at once in this process: more would only queue for the CPUs while each holds
+# its full-size image, so the memory of decoding stays under slots x the decode budget.
+DECODE_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+# Pillow holds a big image in blocks of 16 MB; glibc serves blocks under 32 MB from per-thread
+# heaps that keep the memory once the image is freed (a server decoding big images in its
+# threads grew by GBs and kept them). Blocks over 32 MB are mapped on their own and go back to
+# the system when freed (scripts/bench_memory_bomb.py: 0.8 GB kept -> 0).
+BLOCK_BYTES = 64 * 1024 * 1024
+if "PILLOW_BLOCK_SIZE" not in os.environ:  # Pillow's own setting wins
+    Image.core.set_block_size(BLOCK_BYTES)
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # else 4
+_RESIZABLE = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})  # resized before going to RGB
 # EXIF orientation -> the transpose that displays the image upright (5-8 swap width and height)
 _EXIF_TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -95,11 +113,13 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to RGB; transparency is composited on white, 16-bit scaled to 8-bit."""
+def _to_rgb(img: Image.Image, top: float = 255.0) -> Image.Image:
+    """Any Pillow mode to RGB; transparency is composited on white, 16-bit scaled to 8-bit.
+
+    top: the white of a 32-bit integer or float image (I, F), measured on the full image.
+    """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
-        top = 65535.0 if (img.mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
         arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
@@ -112,27 +132,144 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _resizable_mode(img: Image.Image) -> str:
+    """The mode an image is converted to at full size before it is shrunk (its own if it can)."""
+    if img.mode in _RESIZABLE:
+        return img.mode
+    if img.mode == "1":
+        return "L"
+    if img.mode.startswith("I;16"):
+        return "I"
+    if img.mode in ("P", "PA", "RGBa", "La"):
+        return "RGBA" if img.mode != "P" or "transparency" in img.info else "RGB"
+    return "RGB"  # CMYK, YCbCr, LAB, HSV
+
+
+def decode_cost(img: Image.Image, full_size: tuple[int, int] | None = None) -> int:
+    """Bytes the decode of an opened (and drafted) image holds at its peak, from its header.
+
+    Full-size buffers only, at the scale the image will be decoded at: the image as Pillow holds
+    it (1 byte a pixel for 1-bit, grey and palette, 2 for 16-bit, 4 for the rest, RGB included),
+    the copies made before it is shrunk (the EXIF turn, a palette or 1-bit image made resizable,
+    the premultiplied copy Pillow makes to resize an image with alpha), and what the decoder
+    holds besides: a progressive JPEG keeps every DCT coefficient of the full-size image (2 bytes
+    each), WebP decodes into a buffer of its own. Two consecutive stages live at once.
+    full_size: the size before draft mode (the coefficients are not reduced by it).
+    """
+    pixels = img.width * img.height
+    source = _BYTES_PER_PIXEL.get(img.mode, 4)
+    stages = [source]
+    if _header_orientation(img) in _EXIF_TRANSPOSE:
+        stages.append(source)
+    target = _resizable_mode(img)
+    if target != img.mode:
+        stages.append(4 if target in ("RGB", "RGBA", "I") else 1)
+    if target in ("LA", "RGBA"):
+        stages.append(4)  # resize() premultiplies alpha in a copy
+    peak = max([stages[0]] + [a + b for a, b in zip(stages, stages[1:])]) * pixels
+    return peak + _decoder_bytes(img, full_size or img.size)
+
+
+def _header_orientation(img: Image.Image) -> int:
+    """The EXIF orientation known without decoding the image (1 if it is not known yet).
+
+    Pillow finds a PNG's EXIF chunk by decoding the whole image when the chunk comes after the
+    pixel data, so that orientation is only learnt once decoded (and costs one copy more).
+    """
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    return img.getexif().get(0x0112, 1)
+
+
+def _decoder_bytes(img: Image.Image, full_size: tuple[int, int]) -> int:
+    """Memory the format's decoder holds besides the image, while the image loads."""
+    if img.format == "WEBP":
+        return img.width * img.height * 4
+    if img.format in ("JPEG", "MPO") and (
+        img.info.get("progressive") or img.info.get("progression")
+    ):
+        layers = getattr(img, "layer", None) or [(None, 1, 1, 0)]
+        h_max = max(layer[1] for layer in layers)
+        v_max = max(layer[2] for layer in layers)
+        share = sum(layer[1] * layer[2] for layer in layers) / (h_max * v_max)
+        return int(full_size[0] * full_size[1] * share * 2)
+    return 0
+
+
+def _prepare(
+    data: bytes, box: int, max_pixels: int, max_bytes: int
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Open, draft a JPEG down towards box x box, refuse it if decoding costs too much.
+
+    Returns the image, not yet loaded, and its size in the file (before draft mode).
+    """
+    img = _open(data, max_pixels)
+    try:
+        full_size = img.size
+        if img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (box, box))  # scale 1/2, 1/4 or 1/8, never below box
+        cost = decode_cost(img, full_size)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error) as exc:
+        raise ImageDecodeError(f"cannot decode image: {exc}") from None
+    if cost > max_bytes:
+        raise ImageTooLargeError(
+            f"{full_size[0]}x{full_size[1]} {img.format} ({img.mode}) needs {cost:,} bytes of "
+            f"memory to decode, over the budget of {max_bytes:,} (LOOKALIKE_MAX_DECODE_BYTES)"
+        )
+    return img, full_size
+
+
+def _shrunk(img: Image.Image, shrink) -> tuple[Image.Image, int]:
+    """Load, turn upright, shrink and convert to RGB, with as few full-size copies as can be.
+
+    The image is shrunk in its own mode (or the nearest resizable one) before it becomes RGB,
+    so a grey, 1-bit or transparent image is never held at full size as RGB. At most
+    DECODE_SLOTS images are loaded at once. Returns the RGB image and its EXIF orientation.
+    """
+    with DECODE_SLOTS:
+        img.load()
+        orientation = img.getexif().get(0x0112, 1)
+        if orientation in _EXIF_TRANSPOSE:  # not ImageOps.exif_transpose: it re-encodes EXIF
+            img = img.transpose(_EXIF_TRANSPOSE[orientation])
+        top = 255.0
+        if img.mode.startswith("I;16"):
+            top = 65535.0
+        elif img.mode in ("I", "F"):
+            top = 65535.0 if (img.getextrema()[1] or 0) > 255 else 255.0
+        target = _resizable_mode(img)
+        if target != img.mode:
+            img = img.convert(target)
+        img = shrink(img)
+    return _to_rgb(img, top), orientation
+
+
 def decode(
-    data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> tuple[np.ndarray, int, int]:
     """Decode image bytes to a (size, size, 3) uint8 RGB array; also the oriented width, height.
 
     EXIF orientation is applied, every mode becomes RGB, GIFs give their first frame, and JPEGs
     are decoded at a reduced DCT scale (draft mode) when the target is much smaller. The whole
-    image is resized to the square (no crop), so nothing of it is lost.
+    image is resized to the square (no crop), so nothing of it is lost. An image with more than
+    max_pixels pixels, or whose decoding would hold more than max_bytes (decode_cost), is
+    refused with ImageTooLargeError before it is decoded.
     """
-    img = _open(data, max_pixels)
+    img, (width, height) = _prepare(data, size, max_pixels, max_bytes)
     try:
-        orientation = img.getexif().get(0x0112, 1)
-        width, height = img.size
+
+        def square(im: Image.Image) -> Image.Image:
+            if im.size == (size, size):
+                return im
+            return im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+        small, orientation = _shrunk(img, square)
+        pixels = np.asarray(small, dtype=np.uint8)
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        if img.format in ("JPEG", "MPO"):
-            img.draft("RGB", (size, size))  # scale 1/2, 1/4 or 1/8, never below size
-        img.load()
-        if orientation in _EXIF_TRANSPOSE:  # not ImageOps.exif_transpose: it re-encodes the EXIF
-            img = img.transpose(_EXIF_TRANSPOSE[orientation])
-        pixels = to_pixels(img, size)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -198,18 +335,22 @@ def array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
-def thumbnail(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+def thumbnail(
+    data: bytes,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> bytes:
     """A JPEG of the image fitted into size x size, aspect ratio kept, EXIF orientation applied."""
-    img = _open(data, max_pixels)
+    img, _ = _prepare(data, size, max_pixels, max_bytes)
+
+    def fit(im: Image.Image) -> Image.Image:
+        im.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        return im
+
     try:
-        orientation = img.getexif().get(0x0112, 1)
-        if img.format in ("JPEG", "MPO"):
-            img.draft("RGB", (size, size))
-        img.load()
-        if orientation in _EXIF_TRANSPOSE:
-            img = img.transpose(_EXIF_TRANSPOSE[orientation])
-        img = _to_rgb(img)
-        img.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        img = _shrunk(img, fit)[0]
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85, optimize=True)
     except ImageError:
@@ -234,11 +375,15 @@ def phash64(pixels: np.ndarray) -> int:
 
 
 def load_image(
-    source: Path | str | bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: Path | str | bytes,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> np.ndarray:
     """The single preprocessing function: a file path or bytes -> (size, size, 3) uint8 RGB."""
     data = source if isinstance(source, bytes) else read_file(Path(source))
-    return decode(data, size, max_pixels=max_pixels)[0]
+    return decode(data, size, max_pixels=max_pixels, max_bytes=max_bytes)[0]
 
 
 def read_file(path: Path) -> bytes:
@@ -251,16 +396,24 @@ def read_file(path: Path) -> bytes:
         raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def decode_file(path: Path, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_file(
+    path: Path,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> DecodedImage:
     """Read, hash and decode one file."""
     data = read_file(path)
-    pixels, width, height = decode(data, size, max_pixels=max_pixels)
+    pixels, width, height = decode(data, size, max_pixels=max_pixels, max_bytes=max_bytes)
     return DecodedImage(path, pixels, width, height, len(data), hashlib.sha256(data).hexdigest())
 
 
-def _decode_or_fail(path: Path, size: int, max_pixels: int) -> DecodedImage | FailedImage:
+def _decode_or_fail(
+    path: Path, size: int, max_pixels: int, max_bytes: int = DEFAULT_MAX_DECODE_BYTES
+) -> DecodedImage | FailedImage:
     try:
-        return decode_file(path, size, max_pixels=max_pixels)
+        return decode_file(path, size, max_pixels=max_pixels, max_bytes=max_bytes)
     except ImageError as exc:
         return FailedImage(path, str(exc))
     except Exception as exc:  # a decoder bug on one odd file must not stop a batch run
@@ -274,6 +427,7 @@ def iter_batches(
     *,
     workers: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> Iterator[tuple[list[DecodedImage], list[FailedImage]]]:
     """Decode files in batches on a thread pool, one batch ahead of the consumer.
 
@@ -293,7 +447,9 @@ def iter_batches(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: list[Future] | None = None
         for chunk in chunks():
-            submitted = [pool.submit(_decode_or_fail, p, size, max_pixels) for p in chunk]
+            submitted = [
+                pool.submit(_decode_or_fail, p, size, max_pixels, max_bytes) for p in chunk
+            ]
             if pending is not None:
                 yield _split([f.result() for f in pending])
             pending = submitted

@@ -18,7 +18,7 @@ from .images import DecodedImage, FailedImage, find_images, iter_batches, phash6
 from .index.knn import resolve_index_type
 from .index.meta import ImageRecord
 from .labels import FOLDERS, apply_labels, read_labels_csv
-from .store import UPLOAD_PREFIX, Store
+from .store import UPLOAD_PREFIX, Store, remove_thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,7 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
     if plan.removed_ids:
         store.db.write(deletes=plan.removed_ids)
         report.removed = len(plan.removed_ids)
+        remove_thumbnails(store.root, plan.removed_ids)
         if index is not None:
             with store.lock:
                 index.remove(np.array(plan.removed_ids))
@@ -342,6 +343,7 @@ def _embed_here(store, photos, plan, committer, cfg, options, progress):
         options.batch_size,
         workers=options.workers,
         max_pixels=options.max_pixels,
+        max_bytes=options.max_decode_bytes,
     ):
         committer.fail(bad, [_relative(f.path, photos, store) for f in bad])
         keep = []
@@ -388,7 +390,12 @@ def _train(store: Store, files, cfg: ModelConfig, options, progress, failed) -> 
         n = 0
         progress("decode", 0, len(pick))
         for ok, bad in iter_batches(
-            pick, s, options.batch_size, workers=options.workers, max_pixels=options.max_pixels
+            pick,
+            s,
+            options.batch_size,
+            workers=options.workers,
+            max_pixels=options.max_pixels,
+            max_bytes=options.max_decode_bytes,
         ):
             for f in bad:
                 failed.setdefault(f.path, f)

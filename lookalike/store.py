@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -62,6 +62,7 @@ METRIC = "cosine"  # inner product of L2-normalised float32 vectors
 SNAPSHOT_KEYS = ("format_version", "count", "metric", "updated", "versions")  # not state
 INDEX_FILE = re.compile(r"^index-(\d+)\.faiss$")
 MODEL_DIR = re.compile(r"^model-(\d+)$")
+THUMBNAILS = "thumbnails"  # STORE/thumbnails: {id}-{sha256[:12]}-{size}.jpg
 LEFTOVERS = ("model.tmp*", "train-*", ".tmp-*", "*.tmp")  # a dead writer's temporary files
 
 
@@ -116,6 +117,28 @@ def is_trained_store(path: Path | str) -> bool:
         return False
     with Store.open(path) as store:
         return store.is_trained
+
+
+def remove_thumbnails(store_root: Path | str, image_ids: Iterable[int]) -> int:
+    """Remove every cached thumbnail (and leftover temporary file) of these ids; how many.
+
+    Call it after the rows are removed (committed): a thumbnail being made for one of them at
+    that moment sees the row gone and removes its own file.
+    """
+    folder = Path(store_root) / THUMBNAILS
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for image_id in image_ids:
+        for path in folder.glob(f"{int(image_id)}-*"):
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the row is gone already: a stale file is no reason to fail
+                log.warning("cannot remove thumbnail %s: %s", path, exc)
+    return removed
 
 
 def copy_model(trained: Path | str, dst: Path | str) -> Path:
@@ -643,7 +666,8 @@ class Store:
                 lambda index, _: index.remove(ids),
                 lambda index, _: index.add(vectors, ids),
             )
-            return len(known)
+        remove_thumbnails(self.root, known)
+        return len(known)
 
     def disk_bytes(self) -> int:
         """Total size of the store's files."""

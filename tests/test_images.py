@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -660,3 +661,202 @@ def test_phash64_is_imagehash_phash_of_the_pixels_as_signed_int64():
         bits = imagehash.phash(Image.fromarray(pixels)).hash.ravel()
         assert [(value >> (63 - i)) & 1 for i in range(64)] == bits.astype(int).tolist()
         assert phash64(pixels) == value
+
+
+# --------------------------------------------------------------------------- decode budget, slots
+
+
+def _png_header(width: int, height: int, depth: int, colour: int, extra: bytes = b"") -> bytes:
+    """A PNG whose header claims width x height (the pixel data is a stub: never decoded)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    chunks = chunk(b"IHDR", ihdr)
+    if colour == 3:
+        chunks += chunk(b"PLTE", bytes(range(6)))
+    if extra:
+        chunks += chunk(b"tRNS", extra)
+    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunks + idat + chunk(b"IEND", b"")
+
+
+def _jpeg_claiming(width: int, height: int, progressive: bool = False) -> bytes:
+    """A small JPEG whose frame header is patched to claim width x height."""
+    buf = io.BytesIO()
+    _smooth_rgb(16, 16).save(buf, "JPEG", quality=90, progressive=progressive)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def _cost(data: bytes, box: int = 64) -> int:
+    from lookalike.images import decode_cost
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    full = img.size
+    if img.format == "JPEG":
+        img.draft("RGB", (box, box))
+    return decode_cost(img, full)
+
+
+@pytest.mark.parametrize(
+    ("depth", "colour", "trns", "per_pixel"),
+    [
+        (1, 0, b"", 2),  # 1-bit: itself + its grey copy
+        (8, 0, b"", 1),  # grey: resized as it is
+        (16, 0, b"", 6),  # 16-bit grey: itself (2) + 32-bit copy (4)
+        (8, 2, b"", 4),  # RGB: Pillow holds it at 4 bytes a pixel
+        (8, 6, b"", 8),  # RGBA: itself + the premultiplied copy resize makes
+        (8, 3, b"", 5),  # palette: itself + RGB
+        (8, 3, b"\x00", 8),  # palette with transparency: RGBA + premultiplied copy
+    ],
+)
+def test_decode_cost_by_mode(depth, colour, trns, per_pixel):
+    assert _cost(_png_header(1000, 500, depth, colour, trns)) == per_pixel * 500_000
+
+
+def test_decode_cost_of_jpegs_is_at_the_draft_scale_plus_progressive_coefficients():
+    camera = _jpeg_claiming(11648, 8736)  # 100 Mpx: drafted to 1/8 for a 64 or 1024 target
+    assert _cost(camera, 64) == _cost(camera, 1024) == 1456 * 1092 * 4
+    progressive = _jpeg_claiming(11648, 8736, progressive=True)
+    coefficients = 11648 * 8736 * 3 // 2 * 2  # 4:2:0 (1.5 samples a pixel), 2 bytes each
+    assert abs(_cost(progressive) - (1456 * 1092 * 4 + coefficients)) < 1000
+    with Image.open(io.BytesIO(_jpeg_claiming(6000, 4000))) as img:
+        assert decode_cost_of(img) == 6000 * 4000 * 4  # no draft asked: full size
+
+
+def decode_cost_of(img: Image.Image) -> int:
+    from lookalike.images import decode_cost
+
+    return decode_cost(img)
+
+
+def test_default_budget_takes_real_photos_and_refuses_bombs_under_the_pixel_limit():
+    from lookalike.images import DEFAULT_MAX_DECODE_BYTES as budget
+
+    assert 7999 * 7999 < DEFAULT_MAX_PIXELS
+    assert _cost(png_header_only(7999, 7999)) > budget  # 1-bit: 128 MB
+    assert _cost(_png_header(7999, 7999, 8, 3)) > budget  # palette: 320 MB
+    assert _cost(_png_header(6000, 4000, 8, 2)) <= budget  # a 24 Mpx RGB PNG: 96 MB
+    assert _cost(_jpeg_claiming(11648, 8736)) <= budget // 10  # a 100 Mpx camera JPEG: 6 MB
+    assert _cost(_jpeg_claiming(6000, 4000, progressive=True)) <= budget  # 24 Mpx: 72 MB
+
+
+def test_a_camera_jpeg_of_100_mpx_passes_the_budget(tmp_path):
+    """Only the pixel limit stands in its way: with it raised, the budget lets it through."""
+    data = _jpeg_claiming(11648, 8736)
+    with pytest.raises(ImageTooLargeError, match="pixels"):
+        decode(data, 64)
+    px, width, height = decode(data, 64, max_pixels=120_000_000)  # 1/8 scale: a few MB
+    assert px.shape == (64, 64, 3) and (width, height) == (11648, 8736)
+    with pytest.raises(ImageTooLargeError, match="budget"):
+        decode(_jpeg_claiming(11648, 8736, progressive=True), 64, max_pixels=120_000_000)
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [png_header_only(7999, 7999), _png_header(7999, 7999, 8, 3)],
+    ids=["1-bit", "palette"],
+)
+def test_bombs_are_refused_from_the_header_without_decoding(bomb, monkeypatch):
+    from PIL import ImageFile
+
+    from lookalike.images import thumbnail
+
+    def no_decoding(self):
+        raise AssertionError("a refused image must not be decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    for call in (lambda: decode(bomb, 64), lambda: thumbnail(bomb, 256)):
+        with pytest.raises(ImageTooLargeError, match="LOOKALIKE_MAX_DECODE_BYTES") as info:
+            call()
+        assert "7999x7999" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_budget_is_inclusive_and_honoured(tmp_path):
+    data = _save(_smooth_rgb(100, 50), tmp_path / "x.png").read_bytes()
+    assert decode(data, SIZE, max_bytes=20_000)[0].shape == (SIZE, SIZE, 3)
+    with pytest.raises(ImageTooLargeError, match="20,000 bytes"):
+        decode(data, SIZE, max_bytes=19_999)
+    with pytest.raises(ImageTooLargeError):
+        load_image(data, SIZE, max_bytes=19_999)
+
+
+def test_iter_batches_skips_and_reports_an_image_over_the_budget(tmp_path):
+    good = _save(_smooth_rgb(60, 40), tmp_path / "good.png")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(7999, 7999))
+    ((ok, bad),) = list(iter_batches([good, bomb], SIZE, 8))
+    assert [d.path for d in ok] == [good]
+    assert [f.path for f in bad] == [bomb] and "budget" in bad[0].error
+    ((ok, bad),) = list(iter_batches([good], SIZE, 8, max_bytes=100))
+    assert not ok and "budget" in bad[0].error
+
+
+def test_grey_one_bit_and_palette_images_are_shrunk_before_they_become_rgb(tmp_path, monkeypatch):
+    """No full-size RGB copy of an image that is not RGB already (1-bit: 2 bytes a pixel, not 5)."""
+    conversions = []
+    convert = Image.Image.convert
+
+    def spy(self, mode=None, *args, **kwargs):
+        conversions.append((self.mode, mode, self.size))
+        return convert(self, mode, *args, **kwargs)
+
+    sources = {m: _smooth_rgb(800, 600).convert(m) for m in ("1", "L", "LA", "RGBA")}
+    datas = {m: _save(img, tmp_path / f"{m}.png").read_bytes() for m, img in sources.items()}
+    monkeypatch.setattr(Image.Image, "convert", spy)
+    for mode, data in datas.items():
+        conversions.clear()
+        decode(data, SIZE)
+        to_rgb = [c for c in conversions if c[1] in ("RGB", "RGBA") and c[2] == (800, 600)]
+        assert not to_rgb, (mode, conversions)
+
+
+def test_decodes_hold_one_of_a_few_slots(tmp_path, monkeypatch):
+    import os
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lookalike import images
+
+    assert images.DECODE_SLOTS._initial_value == max(1, os.cpu_count() or 1)
+    held, peak, entered = 0, 0, 0
+    lock = threading.Lock()
+    slots = threading.BoundedSemaphore(2)
+
+    class Recorder:
+        def __enter__(self):
+            nonlocal held, peak, entered
+            slots.acquire()
+            with lock:
+                held += 1
+                entered += 1
+                peak = max(peak, held)
+            time.sleep(0.02)
+
+        def __exit__(self, *exc):
+            nonlocal held
+            with lock:
+                held -= 1
+            slots.release()
+
+    monkeypatch.setattr(images, "DECODE_SLOTS", Recorder())
+    data = _save(_smooth_rgb(64, 48), tmp_path / "x.png").read_bytes()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: decode(data, SIZE), range(8)))
+        list(pool.map(lambda _: images.thumbnail(data, 32), range(8)))
+    assert entered == 16 and peak == 2
+
+
+def test_pillow_maps_big_images_in_blocks_it_can_give_back():
+    from lookalike import images
+
+    assert Image.core.get_block_size() == images.BLOCK_BYTES > 32 * 1024 * 1024

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -45,16 +46,24 @@ class _TooLarge(Exception):
     pass
 
 
+class _TooSlow(Exception):
+    pass
+
+
 class BodyLimit:
-    """ASGI middleware: bodies over max_bytes get 413 before being read into memory.
+    """ASGI middleware: bodies over max_bytes get 413 before being read into memory, bodies that
+    stop arriving get 408.
 
     A Content-Length over the limit is refused at once; a chunked body is counted as it streams
-    and cut off when it passes the limit.
+    and cut off when it passes the limit. While a body is incomplete, each wait for its next
+    part lasts at most timeout seconds (a Content-Length larger than what is sent would
+    otherwise hold the connection for ever); then 408, and the connection is closed.
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout: float = 20.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -69,24 +78,32 @@ class BodyLimit:
                 if too_big:
                     return await self._refuse(send)
         received = 0
-        started = exceeded = False
+        started = complete = False
+        refusal: tuple[int, str, str] | None = None
 
         async def counting_receive():
-            nonlocal received, exceeded
-            message = await receive()
+            nonlocal received, refusal, complete
+            if complete:  # the body is in: what follows is a wait for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                refusal = (408, "timeout", f"request body not received within {self.timeout} s")
+                raise _TooSlow from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > limit:
-                    exceeded = True
+                    refusal = (413, "too_large", f"request body over the limit of {limit} bytes")
                     raise _TooLarge
             return message
 
         async def tracking_send(message):
             nonlocal started
-            if exceeded:  # the app turned _TooLarge into its own error (FastAPI: 400); say 413
+            if refusal:  # the app turned _TooLarge into its own error (FastAPI: 400): say ours
                 if not started:
                     started = True
-                    await self._refuse(send)
+                    await self._refuse(send, *refusal)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -94,24 +111,21 @@ class BodyLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
+        except (_TooLarge, _TooSlow):
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, *refusal)
 
-    async def _refuse(self, send):
-        body = json.dumps(
-            {
-                "error": "too_large",
-                "detail": f"request body over the limit of {self.max_bytes} bytes",
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            }
-        )
+    async def _refuse(
+        self, send, status: int = 413, kind: str = "too_large", detail: str | None = None
+    ):
+        detail = detail or f"request body over the limit of {self.max_bytes} bytes"
+        body = json.dumps({"error": kind, "detail": detail}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -131,6 +145,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
                 settings.store,
                 max_pixels=settings.max_image_pixels,
                 write_timeout=settings.write_timeout,
+                max_decode_bytes=settings.max_decode_bytes,
             )
         else:
             app.state.engine = engine
@@ -156,7 +171,9 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["X-API-Key", "Content-Type"],
         )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_upload_bytes, timeout=settings.body_timeout_s
+    )
 
     @app.exception_handler(LookalikeError)
     async def lookalike_error(request: Request, exc: LookalikeError):

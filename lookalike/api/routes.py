@@ -7,10 +7,8 @@ the event loop stays free.
 from __future__ import annotations
 
 import mimetypes
-import os
 import secrets
 import time
-import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Header, Path, Query, Request, UploadFile
@@ -19,7 +17,6 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from .. import __version__
 from ..engine import Engine, Hit
 from ..errors import NotFoundError
-from ..images import read_file, thumbnail
 from ..store import FORMAT_VERSION
 from .schemas import (
     AddResponse,
@@ -32,6 +29,7 @@ from .schemas import (
     Stats,
     SuggestResponse,
 )
+from .thumbnails import SIZES, cached_thumbnail, thumbnail_size
 
 router = APIRouter()
 ERRORS = {
@@ -55,9 +53,15 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 def require_api_key(
     request: Request, x_api_key: Annotated[str | None, Header(description="API key")] = None
 ) -> None:
-    """When LOOKALIKE_API_KEY is set, writes need it in the X-API-Key header."""
+    """When LOOKALIKE_API_KEY is set, writes need it in the X-API-Key header.
+
+    Compared as bytes (compare_digest refuses str with non-ASCII characters: that was a 500):
+    the header's bytes as sent (the server decodes them as Latin-1) with the key in UTF-8.
+    """
     expected = request.app.state.settings.api_key
-    if expected and not (x_api_key and secrets.compare_digest(x_api_key, expected)):
+    if expected and not (
+        x_api_key and secrets.compare_digest(x_api_key.encode("latin-1"), expected.encode("utf-8"))
+    ):
         raise _Unauthorized()
 
 
@@ -129,22 +133,23 @@ def get_thumbnail(
     image_id: ImageId,
     size: Annotated[
         int | None,
-        Query(ge=16, le=1024, description="Longest side, pixels (default: the server's setting)"),
+        Query(
+            ge=1,
+            le=SIZES[-1],
+            description=f"Longest side, pixels; served at the next of {SIZES} up "
+            "(default: the server's setting)",
+        ),
     ] = None,
 ):
-    """A JPEG thumbnail of a stored image, made once and cached in the store."""
-    size = size or request.app.state.settings.thumbnail_size
-    record, path = _record(engine, image_id)
-    cache = engine.store.root / "thumbnails" / f"{image_id}-{record.sha256[:12]}-{size}.jpg"
-    if not cache.exists():
-        data = thumbnail(read_file(path), size, max_pixels=engine.max_pixels)
-        cache.parent.mkdir(exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{uuid.uuid4().hex}.tmp")  # unique per request
-        tmp.write_bytes(data)
-        os.replace(tmp, cache)
-    return FileResponse(
-        cache, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}
-    )
+    """A JPEG thumbnail of a stored image, made once and cached in the store.
+
+    Only a few sizes are made (a size in between gets the next one up), so the cache stays
+    small whatever sizes clients ask for; the thumbnails go when their image is deleted.
+    """
+    size = thumbnail_size(size or request.app.state.settings.thumbnail_size)
+    data = cached_thumbnail(engine, image_id, size)
+    headers = {"Cache-Control": "public, max-age=86400", "X-Thumbnail-Size": str(size)}
+    return Response(data, media_type="image/jpeg", headers=headers)
 
 
 @router.post(
@@ -172,8 +177,8 @@ def add_images(engine: EngineDep, file: Annotated[list[UploadFile], File(descrip
     tags=["images"],
 )
 def delete_image(engine: EngineDep, image_id: ImageId):
-    """Remove an image from the index and the table (an uploaded file is deleted too)."""
-    engine.remove_image(image_id)
+    """Remove an image from the index and the table (an uploaded file and thumbnails too)."""
+    engine.remove_image(image_id)  # thumbnails go with the row (Store.remove_images)
     return DeleteResponse(deleted=image_id)
 
 

@@ -20,7 +20,7 @@ from conftest import PHOTO_SEEDS, make_photo, photo_name
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lookalike.api import routes
+from lookalike.api import thumbnails
 from lookalike.api.app import app_from_env, create_app
 from lookalike.config import Settings
 
@@ -153,15 +153,16 @@ def test_get_image_serves_the_stored_file(client, photos_dir, ids_by_path, seed,
 
 def test_thumbnail_is_a_jpeg_made_once_and_cached(client, api_store, ids_by_path, monkeypatch):
     image_id = ids_by_path[photo_name(5)]
-    r = client.get(f"/images/{image_id}/thumbnail?size=40")
+    r = client.get(f"/images/{image_id}/thumbnail?size=40")  # served at 128, the next size up
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/jpeg"
+    assert r.headers["x-thumbnail-size"] == "128"
     with Image.open(io.BytesIO(r.content)) as img:
-        assert img.format == "JPEG" and max(img.size) == 40  # 64x48 fitted into 40x40
-    cached = list((api_store / "thumbnails").glob(f"{image_id}-*-40.jpg"))
+        assert img.format == "JPEG" and img.size == (64, 48)  # no upscaling of a 64x48 photo
+    cached = list((api_store / "thumbnails").glob(f"{image_id}-*-128.jpg"))
     assert len(cached) == 1 and cached[0].read_bytes() == r.content
-    default = client.get(f"/images/{image_id}/thumbnail")  # 256: no upscaling of a 64x48 photo
-    assert default.status_code == 200
+    default = client.get(f"/images/{image_id}/thumbnail")  # the setting's 256
+    assert default.status_code == 200 and default.headers["x-thumbnail-size"] == "256"
     with Image.open(io.BytesIO(default.content)) as img:
         assert img.size == (64, 48)
     assert len(list((api_store / "thumbnails").glob(f"{image_id}-*-256.jpg"))) == 1
@@ -169,10 +170,10 @@ def test_thumbnail_is_a_jpeg_made_once_and_cached(client, api_store, ids_by_path
     def no_more_thumbnails(*args, **kwargs):
         raise AssertionError("the thumbnail should have come from the cache")
 
-    monkeypatch.setattr(routes, "thumbnail", no_more_thumbnails)
-    again = client.get(f"/images/{image_id}/thumbnail?size=40")
+    monkeypatch.setattr(thumbnails, "thumbnail", no_more_thumbnails)
+    again = client.get(f"/images/{image_id}/thumbnail?size=100")
     assert again.status_code == 200 and again.content == r.content
-    assert_error(client.get(f"/images/{image_id}/thumbnail?size=8"), 422)
+    assert_error(client.get(f"/images/{image_id}/thumbnail?size=0"), 422)
     assert_error(client.get(f"/images/{image_id}/thumbnail?size=5000"), 422)
 
 
@@ -472,7 +473,7 @@ def test_a_missing_store_fails_at_startup_not_per_request(tmp_path):
 def test_the_same_thumbnail_asked_for_at_once(client, ids_by_path):
     """Eight requests for one not-yet-cached thumbnail all get it (each writes its own temp)."""
     image_id = ids_by_path[photo_name(9)]
-    for size in range(300, 306):
+    for size in thumbnails.SIZES:
         start = threading.Barrier(8)
 
         def fetch(_, size=size, start=start):
@@ -505,9 +506,10 @@ def test_searches_run_safely_while_images_are_added_and_deleted(client, photos_d
             assert len(hits) == 8 and len({h["id"] for h in hits}) == 8
             with lock:
                 seen.append({h["id"] for h in hits})
-            if n % 2:  # a thumbnail of a new size each round: concurrent cache writes
+            if n % 2:  # thumbnails, made or from the cache: concurrent cache writes
                 image_id = ids_by_path[queries[done % len(queries)][0]]
-                r = client.get(f"/images/{image_id}/thumbnail?size={100 + done}")
+                size = thumbnails.SIZES[done % len(thumbnails.SIZES)]
+                r = client.get(f"/images/{image_id}/thumbnail?size={size}")
                 assert r.status_code == 200 and r.content[:2] == b"\xff\xd8", r.text
             else:
                 r = client.get(f"/images/{ids_by_path[name]}/similar?k=4")
