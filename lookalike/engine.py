@@ -23,7 +23,7 @@ from .labels import vote
 from .store import UPLOAD_PREFIX, Store
 
 if TYPE_CHECKING:
-    from .encoder.embed import Embedder
+    from .encoder.runtime import PortableEmbedder
 
 MAX_K = 1000
 
@@ -54,7 +54,7 @@ class Engine:
     def __init__(
         self,
         store: Store,
-        embedder: Embedder | None = None,
+        embedder: PortableEmbedder | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         single_thread_faiss: bool = True,
     ):
@@ -64,7 +64,8 @@ class Engine:
         self.max_pixels = max_pixels
         self.single_thread_faiss = single_thread_faiss
         _ = store.index  # load (or rebuild) the index now, not on the first query
-        self.embed(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace once
+        # the first run of the portable model allocates its buffers: now, not in the first query
+        self.embed(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
 
     @classmethod
     def open(cls, store_path: Path | str, **kwargs) -> Engine:

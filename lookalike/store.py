@@ -4,7 +4,9 @@ Layout of STORE/:
     info.json          what the store is: format version, photos root, dim, metric, count,
                        index type, library versions (written atomically)
     model/             config.json, encoder.keras, decoder.keras, whitening.npz, training.json,
-                       reconstructions.png -- replaced as a whole by a rename on (re)training
+                       reconstructions.png, embed.onnx (the portable embedding every query and
+                       index runs) and export.json (its check against the Keras embedding) --
+                       replaced as a whole by a rename on (re)training
     images.sqlite      one row per image (see lookalike.index.meta), the source of truth
     index.faiss        the FAISS index, rebuilt from images.sqlite whenever it is stale
     uploads/           images added over HTTP
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import platform
 import shutil
@@ -29,13 +32,15 @@ import numpy as np
 
 from . import __version__
 from .config import ModelConfig
-from .errors import StoreNotFoundError, StoreNotTrainedError, StoreVersionError
+from .errors import LookalikeError, StoreNotFoundError, StoreNotTrainedError, StoreVersionError
 from .index.knn import KnnIndex, ivf_params, resolve_index_type, tune_nprobe
 from .index.meta import MetaDB
 
 if TYPE_CHECKING:
-    from .encoder.embed import Embedder
+    from .encoder.runtime import PortableEmbedder
     from .encoder.train import TrainResult
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 UPLOAD_PREFIX = "@uploads/"  # table paths of images added over HTTP, kept in STORE/uploads
@@ -196,25 +201,79 @@ class Store:
         path = self.model_dir / "training.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def load_embedder(self) -> Embedder:
-        """The encoder and whitening as an Embedder (imports TensorFlow)."""
-        from .encoder.embed import Embedder
+    def load_embedder(self) -> PortableEmbedder:
+        """The query-path embedder: model/embed.onnx on onnxruntime, without TensorFlow.
+
+        A store trained before the portable model gets it exported once first (see
+        :meth:`ensure_portable_model`).
+        """
+        from .encoder.runtime import PORTABLE_FILE, PortableEmbedder
 
         cfg = self.model_config()
-        return Embedder.load(
-            self.model_dir / "encoder.keras", self.model_dir / "whitening.npz", cfg
+        self.ensure_portable_model()
+        return PortableEmbedder(self.model_dir / PORTABLE_FILE, cfg)
+
+    def ensure_portable_model(self) -> bool:
+        """Export an older store's Keras model to model/embed.onnx, once; True if it did.
+
+        Imports TensorFlow this one time (a one-line message says so), checks the export on up
+        to 256 of the store's photos, and raises a one-line error if TensorFlow is not installed.
+        """
+        from .encoder.runtime import PORTABLE_FILE
+
+        cfg = self.model_config()
+        if (self.model_dir / PORTABLE_FILE).exists():
+            return False
+        log.warning(
+            "store %s has no portable model yet: exporting model/%s once (loads TensorFlow)",
+            self.root,
+            PORTABLE_FILE,
         )
+        from .encoder.export import export_store_model
+
+        export_store_model(self.model_dir, cfg, self._check_pixels(cfg.image_size))
+        return True
+
+    def _check_pixels(self, size: int, limit: int = 256) -> np.ndarray:
+        """Up to limit of the store's readable photos, evenly spread; synthetic ones if none."""
+        from .images import decode_file
+
+        records = list(self.db.records())
+        step = max(1, len(records) // limit)
+        pixels = []
+        for record in records[::step][:limit]:
+            try:
+                pixels.append(decode_file(self.file_path(record.path), size).pixels)
+            except (LookalikeError, OSError):
+                continue
+        if len(pixels) >= 16:
+            return np.stack(pixels)
+        from .encoder.export import synthetic_pixels
+
+        return synthetic_pixels(size)
 
     def save_model(self, result: TrainResult, cfg: ModelConfig) -> None:
-        """Write the trained model as a whole: a temporary folder renamed into place."""
+        """Write the trained model as a whole: a temporary folder renamed into place.
+
+        It holds the portable embedding (model/embed.onnx) and the record of its check.
+        """
         from PIL import Image
 
+        from .encoder.export import CHECK_FILE, export_checked, synthetic_pixels
+        from .encoder.runtime import PORTABLE_FILE
+
+        portable, check = result.portable, result.export_check
+        if portable is None:  # a result made without train_autoencoder's export
+            pixels = synthetic_pixels(cfg.image_size)
+            portable, check = export_checked(result.embedder(cfg), pixels, cfg.seed)
         tmp = self.root / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         result.encoder.save(tmp / "encoder.keras")
         result.decoder.save(tmp / "decoder.keras")
         result.whitening.save(tmp / "whitening.npz")
+        (tmp / PORTABLE_FILE).write_bytes(portable)
+        write_json_atomic(tmp / CHECK_FILE, check)
         write_json_atomic(tmp / "training.json", result.history)
         if result.preview is not None:
             Image.fromarray(result.preview).save(tmp / "reconstructions.png")
