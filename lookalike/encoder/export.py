@@ -84,7 +84,7 @@ def export_store_model(model_dir: Path, cfg: ModelConfig, pixels: np.ndarray) ->
     """
     embedder = Embedder.load(model_dir / "encoder.keras", model_dir / "whitening.npz", cfg)
     portable, record = export_checked(embedder, pixels, cfg.seed)
-    record["exported_after_training"] = True
+    record["exported_on_first_use"] = True  # not at the end of training
     write_check(model_dir, record)
     tmp = model_dir / f"{PORTABLE_FILE}.{os.getpid()}.tmp"
     tmp.write_bytes(portable)
