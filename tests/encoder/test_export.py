@@ -205,6 +205,7 @@ print("trained", report.trained, report.images)
 """
 
 
+@pytest.mark.slow
 def test_training_and_export_print_no_framework_lines(tmp_path, photos_dir):
     cfg = json.dumps(TINY.replace(epochs=1).to_dict())
     result = subprocess.run(
