@@ -24,7 +24,7 @@ from .labels import vote
 from .store import UPLOAD_PREFIX, Store
 
 if TYPE_CHECKING:
-    from .encoder.embed import Embedder
+    from .encoder.runtime import PortableEmbedder
 
 MAX_K = 1000
 
@@ -55,7 +55,7 @@ class Engine:
     def __init__(
         self,
         store: Store,
-        embedder: Embedder | None = None,
+        embedder: PortableEmbedder | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         single_thread_faiss: bool = True,
         write_timeout: float | None = None,
@@ -70,14 +70,15 @@ class Engine:
         _ = store.index  # load (or build) the index now, not on the first query
         self._use_model(store.index_model_serial, embedder)
 
-    def _use_model(self, serial: int, embedder: Embedder | None = None) -> None:
+    def _use_model(self, serial: int, embedder: PortableEmbedder | None = None) -> None:
         """Load the embedder of the store's current model (the one its index was built with)."""
         cfg = self.store.model_config()
         embedder = embedder or self.store.load_embedder()
-        embedder(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8))  # trace once
+        # the first run of the portable model allocates its buffers: now, not in the first query
+        embedder(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8))
         self.cfg, self.embedder, self.serial = cfg, embedder, serial
 
-    def _current(self) -> tuple[Embedder, int]:
+    def _current(self) -> tuple[PortableEmbedder, int]:
         """(embedder, model serial) matching the index being served: after another process
         retrained the store, the new model is loaded before the next query is embedded."""
         self.store.refresh()

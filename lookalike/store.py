@@ -7,8 +7,10 @@ Layout of STORE/:
     info.json          a snapshot of that state for people to read (format version, counts, dim,
                        versions); written after each change, never read back as the truth
     model-<serial>/    config.json, encoder.keras, decoder.keras, whitening.npz, training.json,
-                       pictures -- one folder per (re)training, made complete under a temporary
-                       name and switched to by one transaction (older stores: model/)
+                       pictures, embed.onnx (the portable embedding every query and index runs)
+                       and export.json (its check against the Keras embedding) -- one folder per
+                       (re)training, made complete under a temporary name and switched to by one
+                       transaction (older stores: model/)
     index-<gen>.faiss  the FAISS index of generation <gen>; another generation's file is stale
     uploads/           images added over HTTP
     .write.lock        the cross-process writer lock
@@ -41,6 +43,7 @@ import numpy as np
 from . import __version__
 from .config import ModelConfig
 from .errors import (
+    LookalikeError,
     StoreBusyError,
     StoreNotFoundError,
     StoreNotTrainedError,
@@ -51,7 +54,7 @@ from .index.knn import KnnIndex, ivf_params, resolve_index_type, tune_nprobe
 from .index.meta import MetaDB
 
 if TYPE_CHECKING:
-    from .encoder.embed import Embedder
+    from .encoder.runtime import PortableEmbedder
     from .encoder.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -371,20 +374,69 @@ class Store:
         path = self.model_dir / "training.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def load_embedder(self) -> Embedder:
-        """The encoder and whitening as an Embedder (imports TensorFlow)."""
-        from .encoder.embed import Embedder
+    def load_embedder(self) -> PortableEmbedder:
+        """The query-path embedder: model/embed.onnx on onnxruntime, without TensorFlow.
+
+        A store trained before the portable model gets it exported once first (see
+        :meth:`ensure_portable_model`).
+        """
+        from .encoder.runtime import PORTABLE_FILE, PortableEmbedder
 
         cfg = self.model_config()
-        return Embedder.load(
-            self.model_dir / "encoder.keras", self.model_dir / "whitening.npz", cfg
+        self.ensure_portable_model()
+        return PortableEmbedder(self.model_dir / PORTABLE_FILE, cfg)
+
+    def ensure_portable_model(self) -> bool:
+        """Export an older store's Keras model to model/embed.onnx, once; True if it did.
+
+        Imports TensorFlow this one time (a one-line message says so), checks the export on up
+        to 256 of the store's photos, and raises a one-line error if TensorFlow is not installed.
+        """
+        from .encoder.runtime import PORTABLE_FILE
+
+        cfg = self.model_config()
+        if (self.model_dir / PORTABLE_FILE).exists():
+            return False
+        log.warning(
+            "store %s has no portable model yet: exporting model/%s once (loads TensorFlow)",
+            self.root,
+            PORTABLE_FILE,
         )
+        from .encoder.export import export_store_model
+
+        export_store_model(self.model_dir, cfg, self._check_pixels(cfg.image_size))
+        return True
+
+    def _check_pixels(self, size: int, limit: int = 256) -> np.ndarray:
+        """Up to limit of the store's readable photos, evenly spread; synthetic ones if none."""
+        from .images import decode_file
+
+        records = list(self.db.records())
+        step = max(1, len(records) // limit)
+        pixels = []
+        for record in records[::step][:limit]:
+            try:
+                pixels.append(decode_file(self.file_path(record.path), size).pixels)
+            except (LookalikeError, OSError):
+                continue
+        if len(pixels) >= 16:
+            return np.stack(pixels)
+        from .encoder.export import synthetic_pixels
+
+        return synthetic_pixels(size)
 
     def save_model(self, result: TrainResult, cfg: ModelConfig) -> None:
         """Write the trained model to a new folder and switch to it in one transaction (which
-        also advances the generation: every row of the old model is stale from then on)."""
+        also advances the generation: every row of the old model is stale from then on). The
+        folder holds the portable embedding (embed.onnx) and the record of its check."""
+        from .encoder.export import CHECK_FILE, export_checked, synthetic_pixels
         from .encoder.pictures import write_pictures
+        from .encoder.runtime import PORTABLE_FILE
 
+        portable, check = result.portable, result.export_check
+        if portable is None:  # a result made without train_autoencoder's export
+            pixels = synthetic_pixels(cfg.image_size)
+            portable, check = export_checked(result.embedder(cfg), pixels, cfg.seed)
         with self.writing():
             serial = self.model_serial + 1
             tmp = Path(tempfile.mkdtemp(dir=self.root, prefix="model.tmp-"))
@@ -392,6 +444,8 @@ class Store:
                 result.encoder.save(tmp / "encoder.keras")
                 result.decoder.save(tmp / "decoder.keras")
                 result.whitening.save(tmp / "whitening.npz")
+                (tmp / PORTABLE_FILE).write_bytes(portable)
+                write_json_atomic(tmp / CHECK_FILE, check)
                 write_json_atomic(tmp / "training.json", result.history)
                 write_pictures(tmp, result.history, result.preview)  # loss curve, reconstructions
                 write_json_atomic(tmp / "config.json", cfg.to_dict())

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from ..config import ModelConfig
+from .backend import tf
 
 
 def augment(x: tf.Tensor, seed: tf.Tensor, cfg: ModelConfig) -> tf.Tensor:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
+from ..config import ModelConfig
+from .backend import keras
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-from keras import layers, ops  # noqa: E402
-
-from ..config import ModelConfig  # noqa: E402
+layers, ops = keras.layers, keras.ops
 
 
 @keras.saving.register_keras_serializable(package="lookalike")

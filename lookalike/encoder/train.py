@@ -7,19 +7,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import keras  # noqa: E402  (model sets the backend first)
 import numpy as np
-import tensorflow as tf  # noqa: E402
 
 from ..config import ModelConfig
-from .augment import augment  # noqa: E402
-from .embed import Embedder, Whitening, fit_whitening  # noqa: E402
+from .augment import augment
+from .backend import keras, tf
+from .embed import Embedder, Whitening, fit_whitening
+from .export import export_checked
 from .model import NORM_EPS, build_autoencoder, normalize_pixels
 
 log = logging.getLogger(__name__)
 
 # progress(stage, done, total): while training, stage is "epoch <i>/<n>" and done/total count the
-# steps of all n planned epochs (one bar); the last training call says why it stopped
+# steps of all n planned epochs (one bar; the last training call says why it stopped), then
+# "whitening" and "export"
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -32,6 +33,8 @@ class TrainResult:
     whitening: Whitening
     history: dict = field(default_factory=dict)
     preview: np.ndarray | None = None  # (2*size, m*size, 3) uint8: originals over reconstructions
+    portable: bytes | None = None  # the whole embedding as ONNX (lookalike.encoder.export)
+    export_check: dict = field(default_factory=dict)  # its check against the Keras embedding
 
     def embedder(self, cfg: ModelConfig) -> Embedder:
         return Embedder(self.encoder, self.whitening, cfg)
@@ -45,7 +48,8 @@ def train_autoencoder(
     A seeded share is held out for validation; each epoch visits the rest in a new seeded order;
     the input is an augmented view when ``cfg.augment`` (denoising), the target the clean image;
     training stops after ``cfg.patience`` epochs without a lower validation MSE and keeps the
-    best weights. Same pixels and seed, same model.
+    best weights. Same pixels and seed, same model. The whole embedding is then exported to
+    ONNX and checked on a seeded sample of pixels (StoreError if it does not reproduce it).
     """
     n = len(pixels)
     if n < 2:
@@ -141,7 +145,12 @@ def train_autoencoder(
     if cfg.input_norm != "unit":  # back to [0, 1] with each original's own statistics
         recon = _destandardize(recon, preview_src.astype(np.float32) / 255.0, cfg.input_norm)
     preview = _preview(preview_src, recon)
-    return TrainResult(encoder, decoder, whitening, history, preview)
+    if progress:
+        progress("export", 0, 1)
+    portable, check = export_checked(Embedder(encoder, whitening, cfg), pixels, cfg.seed)
+    if progress:
+        progress("export", 1, 1)
+    return TrainResult(encoder, decoder, whitening, history, preview, portable, check)
 
 
 def stop_reason(history: dict) -> str:

@@ -1,13 +1,13 @@
 """`lookalike index --ray`: decode and embed on a Ray cluster, build a big index in parallel.
 
 The driver (this process) scans the folder, trains the model on a bounded sample exactly as
-without Ray, and ships the encoder and whitening to the cluster once (one object in Ray's
-store). Ray Data then runs two stages over the list of files to do:
+without Ray, and ships the portable model (model/embed.onnx: the whole embedding graph) to the
+cluster once (one object in Ray's store); the workers run it on onnxruntime, without TensorFlow. Ray Data then runs two stages over the list of files to do:
 
 1. ``map_batches(decode_batch)`` as tasks: read, hash, decode and pHash each file, the same
    function the single-process path uses; unreadable files become rows with an error;
-2. ``map_batches(EmbedActor)`` on a pool of actors, each loading the encoder once and embedding
-   whole batches.
+2. ``map_batches(EmbedActor)`` on a pool of actors, each loading the portable model once and
+   embedding whole batches.
 
 Results come back to the driver in collection order and are written to shard files in the
 store (lookalike.scale.shards), which are merged into the table and deleted once the job is
@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 # into the actors (decoding then overlaps embedding, on the CPU the pool leaves free)
 DECODE_CPUS = 0.5
 BLOCK_ROWS = 512  # files per Ray Data block of the input list
-MODEL_FILES = ("config.json", "encoder.keras", "whitening.npz")
+MODEL_FILES = ("config.json", "embed.onnx")
 
 
 def import_ray():
@@ -107,7 +106,7 @@ def ray_session(opts: RayOptions) -> Iterator[Any]:
 
 
 def pool_size(cpus: float, workers: int | None = None) -> tuple[int, float, int]:
-    """(actors, CPUs per actor, TensorFlow threads per actor) for a cluster of ``cpus`` CPUs.
+    """(actors, CPUs per actor, onnxruntime threads per actor) for a cluster of ``cpus`` CPUs.
 
     The actors together ask for at most cpus - 1, so at least one CPU is always left for the
     decoding tasks: with 2 CPUs and two 1-CPU actors, Ray Data starves the reading stage and the
@@ -153,24 +152,18 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> di
 
 
 class EmbedActor:
-    """Ray Data stage 2 (actors): loads the encoder once, embeds whole batches."""
+    """Ray Data stage 2 (actors): loads the portable model once, embeds whole batches."""
 
     def __init__(self, model_ref: list, threads: int):
-        import ray
-        import tensorflow as tf
+        import json
 
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-        from ..encoder.embed import Embedder
+        import ray
+
+        from ..encoder.runtime import PortableEmbedder
 
         files: dict[str, bytes] = ray.get(model_ref[0])
-        with tempfile.TemporaryDirectory(prefix="lookalike-model-") as tmp:
-            for name, data in files.items():
-                (Path(tmp) / name).write_bytes(data)
-            cfg = ModelConfig.from_dict(__import__("json").loads(files["config.json"]))
-            self.embedder = Embedder.load(
-                Path(tmp) / "encoder.keras", Path(tmp) / "whitening.npz", cfg
-            )
+        cfg = ModelConfig.from_dict(json.loads(files["config.json"]))
+        self.embedder = PortableEmbedder(files["embed.onnx"], cfg, threads=threads)
         self.dim = self.embedder.dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -184,6 +177,7 @@ class EmbedActor:
 
 
 def _model_files(store) -> dict[str, bytes]:
+    store.ensure_portable_model()  # an older store's model is exported here, once
     return {name: (store.model_dir / name).read_bytes() for name in MODEL_FILES}
 
 
@@ -227,7 +221,7 @@ def embed_on_ray(
         cpus = ray.cluster_resources().get("CPU", 1.0)
         n, per_actor, threads = pool_size(cpus, opts.workers)
         log.info(
-            "ray: %s CPUs, %d embedding actors at %s CPU, %d TF threads",
+            "ray: %s CPUs, %d embedding actors at %s CPU, %d threads each",
             cpus,
             n,
             per_actor,
