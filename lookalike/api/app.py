@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +21,8 @@ from ..errors import (
     NotFoundError,
     StoreError,
 )
+from . import browse, page, routes
+from .deps import Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         version=__version__,
         description="Look-alike photo search: upload an image, get its nearest neighbours.",
         lifespan=lifespan,
+        docs_url=None,  # served by .page from local files: no CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.thumb_dir = None
@@ -160,9 +163,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
                 return error_response(status, kind, str(exc))
         return error_response(400, "error", str(exc))  # pragma: no cover
 
-    from .routes import _Unauthorized, router
-
-    @app.exception_handler(_Unauthorized)
+    @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, exc: Exception):
         return error_response(401, "unauthorized", "missing or wrong X-API-Key header")
 
@@ -186,13 +187,12 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal", "internal error; see the server log")
 
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(browse.router)
+    app.include_router(page.router)
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` and multi-worker serving: settings from LOOKALIKE_*."""
     return create_app(Settings())
-
-
-STATIC_DIR = Path(__file__).parent / "static"
