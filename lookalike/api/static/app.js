@@ -4,7 +4,8 @@
 const $ = (id) => document.getElementById(id);
 const statusEl = $("status"), results = $("results"), added = $("added"), drop = $("drop");
 const config = { needs_api_key: false, dedupe_threshold: null };
-const browse = { offset: 0, total: 0, loadedFolders: false };
+const browse = { offset: 0, total: 0, loadedFolders: false, seq: 0 };
+let searchSeq = 0;  // a later search wins: an answer to an earlier one is dropped
 
 function setStatus(text, isError) {
   statusEl.textContent = text;
@@ -37,7 +38,7 @@ function card(item, list, index, extraClass) {
   meta.className = "meta";
   for (const [cls, text] of [["note", item.note], ["score", scoreText], ["path", item.path],
                              ["labels", (item.labels || []).join(", ")]]) {
-    if (cls === "note" && !text) continue;
+    if ((cls === "note" || cls === "score") && !text) continue;
     const div = document.createElement("div");
     div.className = cls; div.textContent = text || "";
     meta.append(div);
@@ -126,11 +127,13 @@ async function searchFile(file) {
   setStatus("Searching…");
   const form = new FormData();
   form.append("file", file);
+  const seq = ++searchSeq;
   // /suggest answers the look-alikes and, when the collection has labels, their vote
   const resp = await send(`/suggest?k=${$("k").value}`, { method: "POST", body: form });
-  if (!resp) return;
+  if (!resp || seq !== searchSeq) return;
   if (!resp.ok) { clearResults(); return setStatus("Error: " + await errorText(resp), true); }
   const data = await resp.json();
+  if (seq !== searchSeq) return;
   render({ results: data.neighbours, took_ms: data.took_ms });
   showLabels(data.labels);
 }
@@ -138,10 +141,12 @@ async function searchFile(file) {
 async function searchById(id, thumb) {
   showQuery(thumb);
   setStatus("Searching…");
+  const seq = ++searchSeq;
   const resp = await send(`/images/${id}/similar?k=${$("k").value}`);
-  if (!resp) return;
+  if (!resp || seq !== searchSeq) return;
   if (!resp.ok) return setStatus("Error: " + await errorText(resp), true);
-  render(await resp.json());
+  const data = await resp.json();
+  if (seq === searchSeq) render(data);
   window.scrollTo({ top: 0 });
 }
 
@@ -158,6 +163,7 @@ async function addFiles(files) {
   if (!resp) return;
   if (!resp.ok) return setStatus("Could not add: " + await errorText(resp), true);
   const data = await resp.json();
+  searchSeq++;  // a search still under way must not replace what follows
   clearResults();
   showQuery(null);
   sessionStorage.setItem("lookalike-api-key", $("apikey").value);
@@ -209,10 +215,12 @@ async function loadPage() {
   const limit = Number($("per-page").value);
   const params = new URLSearchParams({ offset: browse.offset, limit, order: $("order").value });
   if ($("folder").value) params.set("folder", $("folder").value.slice(1));
+  const seq = ++browse.seq;
   const resp = await send(`/images?${params}`);
-  if (!resp) return;
+  if (!resp || seq !== browse.seq) return;
   if (!resp.ok) { $("page-info").textContent = "Error: " + await errorText(resp); return; }
   const data = await resp.json();
+  if (seq !== browse.seq) return;  // the order, folder or page changed meanwhile
   browse.total = data.total;
   const list = data.images;
   $("grid").replaceChildren(...list.map((item, i) => card(item, list, i)));
