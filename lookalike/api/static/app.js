@@ -104,6 +104,7 @@ function render(data) {
   const list = data.results;
   list.forEach((r, i) => results.append(card(r, list, i)));
   setStatus(`${list.length} look-alikes in ${data.took_ms.toFixed(0)} ms`);
+  window.scrollTo({ top: 0 });  // the query and its results, at the top of the screen
 }
 
 function showLabels(labels) {
@@ -147,7 +148,6 @@ async function searchById(id, thumb) {
   if (!resp.ok) return setStatus("Error: " + await errorText(resp), true);
   const data = await resp.json();
   if (seq === searchSeq) render(data);
-  window.scrollTo({ top: 0 });
 }
 
 // -- add photos, then show the near-duplicates each already has -----------------------------------
