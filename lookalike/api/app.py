@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +23,8 @@ from ..errors import (
     StoreBusyError,
     StoreError,
 )
+from . import browse, page, routes
+from .deps import Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         version=__version__,
         description="Look-alike photo search: upload an image, get its nearest neighbours.",
         lifespan=lifespan,
+        docs_url=None,  # served by .page from local files: no CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.thumb_dir = None
@@ -185,9 +188,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
                 return response
         return error_response(400, "error", str(exc))  # pragma: no cover
 
-    from .routes import _Unauthorized, router
-
-    @app.exception_handler(_Unauthorized)
+    @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, exc: Exception):
         return error_response(401, "unauthorized", "missing or wrong X-API-Key header")
 
@@ -211,13 +212,12 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal", "internal error; see the server log")
 
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(browse.router)
+    app.include_router(page.router)
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` and multi-worker serving: settings from LOOKALIKE_*."""
     return create_app(Settings())
-
-
-STATIC_DIR = Path(__file__).parent / "static"

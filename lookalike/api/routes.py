@@ -7,17 +7,17 @@ the event loop stays free.
 from __future__ import annotations
 
 import mimetypes
-import secrets
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Header, Path, Query, Request, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
+from fastapi.responses import FileResponse, Response
 
 from .. import __version__
 from ..engine import Engine, Hit
 from ..errors import NotFoundError
 from ..store import FORMAT_VERSION
+from .deps import EngineDep, require_api_key
 from .schemas import (
     AddResponse,
     DeleteResponse,
@@ -41,32 +41,6 @@ ERRORS = {
 K = Annotated[int, Query(ge=1, le=100, description="Number of neighbours")]
 # SQLite's INTEGER range: a larger number is no id at all (422), not a server error
 ImageId = Annotated[int, Path(ge=-(2**63), le=2**63 - 1, description="Image id")]
-
-
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
-
-
-EngineDep = Annotated[Engine, Depends(get_engine)]
-
-
-def require_api_key(
-    request: Request, x_api_key: Annotated[str | None, Header(description="API key")] = None
-) -> None:
-    """When LOOKALIKE_API_KEY is set, writes need it in the X-API-Key header.
-
-    Compared as bytes (compare_digest refuses str with non-ASCII characters: that was a 500):
-    the header's bytes as sent (the server decodes them as Latin-1) with the key in UTF-8.
-    """
-    expected = request.app.state.settings.api_key
-    if expected and not (
-        x_api_key and secrets.compare_digest(x_api_key.encode("latin-1"), expected.encode("utf-8"))
-    ):
-        raise _Unauthorized()
-
-
-class _Unauthorized(Exception):
-    pass
 
 
 def _results(hits: list[Hit]) -> list[Result]:
@@ -242,11 +216,3 @@ def stats(engine: EngineDep):
         store_version=FORMAT_VERSION,
         lookalike_version=__version__,
     )
-
-
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
-def page():
-    """The web page: drop a photo, see its look-alikes."""
-    from .app import STATIC_DIR
-
-    return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))

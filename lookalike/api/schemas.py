@@ -56,3 +56,43 @@ class SuggestResponse(BaseModel):
     labels: list[LabelScore] = Field(description="Suggested labels, best first")
     neighbours: list[Result] = Field(description="The look-alikes that voted")
     took_ms: float
+
+
+class PageConfig(BaseModel):
+    needs_api_key: bool = Field(description="Whether POST /images and DELETE need X-API-Key")
+    dedupe_threshold: float = Field(
+        description="Cosine at or above which two photos count as near-duplicates"
+    )
+    threshold_calibrated: bool = Field(
+        description="Whether the threshold was measured for this store's model (else a default)"
+    )
+
+
+class ImageInfo(BaseModel):
+    id: int = Field(description="Stable image id")
+    path: str = Field(description="Path relative to the photos folder (or @uploads/...)")
+    url: str = Field(description="Where to fetch the image")
+    thumbnail_url: str = Field(description="Where to fetch a JPEG thumbnail")
+    width: int
+    height: int
+    size: int = Field(description="File size, bytes")
+    mtime: float = Field(description="File modification time, seconds since the epoch")
+    labels: list[str] = Field(default_factory=list)
+
+
+class ImagePage(BaseModel):
+    images: list[ImageInfo]
+    total: int = Field(description="Images matching the folder filter, all pages together")
+    offset: int
+    limit: int
+    order: str
+    folder: str | None
+
+
+class Folder(BaseModel):
+    path: str = Field(description="Folder relative to the photos folder ('' for the top level)")
+    images: int = Field(description="Images directly in it")
+
+
+class Folders(BaseModel):
+    folders: list[Folder]

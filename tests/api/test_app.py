@@ -267,7 +267,7 @@ def test_openapi_lists_every_endpoint(client):
     schema = client.get("/openapi.json").json()
     paths = {p: set(ops) for p, ops in schema["paths"].items()}
     assert paths["/search"] == {"post"}
-    assert paths["/images"] == {"post"}
+    assert paths["/images"] == {"get", "post"}
     assert paths["/images/{image_id}"] == {"get", "delete"}
     assert paths["/images/{image_id}/similar"] == {"get"}
     assert paths["/images/{image_id}/thumbnail"] == {"get"}
