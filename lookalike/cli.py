@@ -454,9 +454,9 @@ def dedupe(
     ] = None,
 ) -> None:
     """Group near-duplicate photos; review them, or move or delete all but one of each group."""
-    from .dedupe_actions import apply_actions, pending, plan_actions, preview, resume
-    from .dedupe_report import write_csv, write_html
-    from .index.dedupe import calibrated_threshold, find_groups, groups_to_dict
+    from .dedupe.actions import apply_actions, pending, plan_actions, preview, resume
+    from .dedupe.report import write_csv, write_html
+    from .dedupe.grouping import calibrated_threshold, find_groups, groups_to_dict
     from .store import Store
 
     if as_json and csv_file:
@@ -477,14 +477,14 @@ def dedupe(
                 err.print("note: an interrupted dedupe run is pending; --yes finishes it")
         t = threshold if threshold is not None else calibrated_threshold(st)
         if t is None:
-            from .calibrate import calibrate_store
+            from .dedupe.calibration import calibrate_store
 
             err.print("measuring this store's dedupe threshold (once per model)...")
             t = calibrate_store(st).threshold
         phash = phash_max if phash_max >= 0 else None
         if against is not None:
             from .engine import Engine
-            from .incoming import find_known
+            from .dedupe.incoming import find_known
 
             known = find_known(Engine(st), against, t, phash_max=phash)
             if as_json:

@@ -281,7 +281,7 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
     report.images = count
     report.failed = sorted(committer.failed.values(), key=lambda f: str(f.path))
     if report.trained:  # the cosine scale of duplicates is the model's: measure it again
-        from .calibrate import calibrate_store
+        from .dedupe.calibration import calibrate_store
 
         progress("calibrate", 0, 1)
         calibrate_store(store, embedder or store.load_embedder())

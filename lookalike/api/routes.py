@@ -211,7 +211,7 @@ def duplicates(
     ] = "largest",
 ) -> dict:
     """Groups of near-duplicates, as `lookalike dedupe --json` prints them."""
-    from ..index.dedupe import duplicates as find_duplicates
+    from ..dedupe.grouping import duplicates as find_duplicates
 
     return find_duplicates(engine.store, threshold, keep)
 

@@ -313,10 +313,10 @@ def read_groups(path: Path) -> dict[str, str]:
 def _lookalike_dedupe(store: Store) -> tuple[list[list[str]] | None, float | None, str | None]:
     """lookalike dedupe's groups at its default threshold, or a note why there are none."""
     try:
-        from ..index import dedupe
+        from ..dedupe import grouping as dedupe
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.endswith("dedupe"):
-            return None, None, "lookalike.index.dedupe is missing: no pair metrics for lookalike"
+            return None, None, "lookalike.dedupe is missing: no pair metrics for lookalike"
         raise
     threshold = float(dedupe.default_threshold(store))
     groups = dedupe.find_groups(store, threshold=threshold)
@@ -334,7 +334,7 @@ def _dedupe_links(store: Store, coll: Collection) -> tuple[np.ndarray, str]:
     links = [(c[0], x) for c in by_sha.values() for x in c[1:]]
     what = "exact copies"
     try:
-        from ..index import dedupe
+        from ..dedupe import grouping as dedupe
     except ModuleNotFoundError:
         dedupe = None
     phash_max = getattr(dedupe, "PHASH_MAX", None)

@@ -21,8 +21,8 @@ import numpy as np
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:
+    from ..index.knn import KnnIndex
     from ..store import Store
-    from .knn import KnnIndex
 
 # Used when a store has no calibrated threshold for its current model (lookalike.calibrate sets
 # one at every training; `lookalike dedupe` measures one when it is missing). It is the lowest

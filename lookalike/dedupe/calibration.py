@@ -40,12 +40,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from .errors import ImageError
-from .images import decode, read_file
+from ..errors import ImageError
+from ..images import decode, read_file
 
 if TYPE_CHECKING:
-    from .encoder.embed import Embedder
-    from .store import Store
+    from ..encoder.embed import Embedder
+    from ..store import Store
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def calibrate(
     pick_pairs = np.sort(rng.choice(ids, min(pair_sample, len(ids)), replace=False))
     copies, to_copy, to_original = copy_scores(store, embedder, pick_copies, rng)
     if len(copies) == 0 or len(ids) < 2:
-        from .index.dedupe import FALLBACK_THRESHOLD
+        from .grouping import FALLBACK_THRESHOLD
 
         threshold, facts = FALLBACK_THRESHOLD, {}
         log.warning("calibration found no usable photos; using %.3f", threshold)

@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError
-from .index.dedupe import Group
-from .store import UPLOAD_PREFIX, Store, write_json_atomic
+from ..errors import InvalidArgumentError
+from ..store import UPLOAD_PREFIX, Store, write_json_atomic
+from .grouping import Group
 
 log = logging.getLogger(__name__)
 

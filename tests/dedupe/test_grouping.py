@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike.errors import InvalidArgumentError
-from lookalike.index import dedupe
-from lookalike.index.dedupe import (
+from lookalike.dedupe import grouping as dedupe
+from lookalike.dedupe.grouping import (
     FALLBACK_THRESHOLD,
     PHASH_MAX,
     UnionFind,
@@ -19,6 +18,7 @@ from lookalike.index.dedupe import (
     hash_pairs,
     popcount,
 )
+from lookalike.errors import InvalidArgumentError
 from lookalike.index.knn import KnnIndex
 from lookalike.index.meta import ImageRecord
 from lookalike.store import Store

@@ -15,10 +15,10 @@ from conftest import copy_store, photo_name, write_photo
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
-from lookalike import dedupe_actions
 from lookalike.cli import app
-from lookalike.dedupe_actions import apply_actions, pending, plan_actions
-from lookalike.index.dedupe import find_groups
+from lookalike.dedupe import actions as dedupe_actions
+from lookalike.dedupe.actions import apply_actions, pending, plan_actions
+from lookalike.dedupe.grouping import find_groups
 from lookalike.store import Store
 
 runner = CliRunner()
@@ -348,7 +348,7 @@ def test_seeded_edits_are_reproducible():
 
     import numpy as np
 
-    from lookalike.calibrate import edited_copies
+    from lookalike.dedupe.calibration import edited_copies
 
     buf = io.BytesIO()
     Image.new("RGB", (80, 60), (120, 30, 200)).save(buf, "PNG")
@@ -360,7 +360,7 @@ def test_seeded_edits_are_reproducible():
 def test_threshold_separates_duplicates_from_the_rest():
     import numpy as np
 
-    from lookalike.calibrate import choose_threshold
+    from lookalike.dedupe.calibration import choose_threshold
 
     rng = np.random.default_rng(0)
     copies = rng.uniform(0.9, 1.0, 400)  # edited copies score 0.9-1
@@ -381,7 +381,7 @@ def test_threshold_separates_duplicates_from_the_rest():
 def test_resampling_keeps_the_threshold_at_or_above_the_point_estimate():
     import numpy as np
 
-    from lookalike.calibrate import choose_threshold, resampled_threshold
+    from lookalike.dedupe.calibration import choose_threshold, resampled_threshold
 
     rng = np.random.default_rng(1)
     copies = rng.uniform(0.8, 1.0, 300)
@@ -398,7 +398,7 @@ def test_resampling_keeps_the_threshold_at_or_above_the_point_estimate():
 def test_impostor_floor_stops_where_copies_match_what_their_original_does_not():
     import numpy as np
 
-    from lookalike.calibrate import impostor_floor
+    from lookalike.dedupe.calibration import impostor_floor
 
     n = 200
     to_copy = np.full((n, 3), 0.3, np.float32)
@@ -413,8 +413,8 @@ def test_impostor_floor_stops_where_copies_match_what_their_original_does_not():
 
 
 def test_against_finds_a_file_by_its_phash(dup_collection, tmp_path):
+    from lookalike.dedupe.incoming import find_known
     from lookalike.engine import Engine
-    from lookalike.incoming import find_known
 
     photos, store, _ = dup_collection
     incoming = tmp_path / "incoming"

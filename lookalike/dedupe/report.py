@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .index.dedupe import Group
-from .store import Store
+from ..store import Store
+from .grouping import Group
 
 log = logging.getLogger(__name__)
 
