@@ -439,8 +439,12 @@ def dedupe(
         Path | None, typer.Option("--html", help="Write a page of thumbnails to this file.")
     ] = None,
     keep: Annotated[
-        str, typer.Option(help="Which to keep: largest, smallest, oldest, newest, shortest-path.")
-    ] = "largest",
+        str,
+        typer.Option(
+            help="Which to keep: original (most real detail; never an upload over a "
+            "collection file), largest, smallest, oldest, newest, shortest-path."
+        ),
+    ] = "original",
     move_to: Annotated[
         Path | None, typer.Option("--move-to", help="Move the others here (under their paths).")
     ] = None,
@@ -452,11 +456,15 @@ def dedupe(
         Path | None,
         typer.Option("--against", help="List files of this folder the collection already has."),
     ] = None,
+    undo_last: Annotated[
+        bool,
+        typer.Option("--undo", help="Put back every moved file of the last clean-up."),
+    ] = False,
 ) -> None:
     """Group near-duplicate photos; review them, or move or delete all but one of each group."""
-    from .dedupe.actions import apply_actions, pending, plan_actions, preview, resume
-    from .dedupe.report import write_csv, write_html
+    from .dedupe.actions import apply_actions, pending, plan_actions, preview, resume, undo
     from .dedupe.grouping import calibrated_threshold, find_groups, groups_to_dict
+    from .dedupe.report import write_csv, write_html
     from .store import Store
 
     if as_json and csv_file:
@@ -467,8 +475,24 @@ def dedupe(
         fail("--yes confirms --move-to or --delete; give one of them")
     if against and (move_to or delete or csv_file or html_file):
         fail("--against only lists matches; it takes no --move-to, --delete, --csv or --html")
+    if undo_last and (move_to or delete or against or csv_file or html_file or yes):
+        fail("--undo puts back the last clean-up; it takes no other action")
     with errors_to_exit(), Store.open(store) as st:
         st.model_config()  # a clear error for a store without a model
+        if undo_last:
+            done = undo(st)
+            if as_json:
+                print(json.dumps(done.to_dict()))
+                return
+            for p in done.restored:
+                out.print(f"put back {p}", highlight=False, markup=False, soft_wrap=True)
+            for p, why in done.failed:
+                err.print(f"not put back {p}: {why}", highlight=False, markup=False)
+            out.print(
+                f"{len(done.restored)} files put back, {done.rows} rows restored "
+                f"(run `lookalike index` for any row of an older model)"
+            )
+            return
         if pending(st):
             if yes:
                 done = resume(st)
@@ -483,8 +507,8 @@ def dedupe(
             t = calibrate_store(st).threshold
         phash = phash_max if phash_max >= 0 else None
         if against is not None:
-            from .engine import Engine
             from .dedupe.incoming import find_known
+            from .engine import Engine
 
             known = find_known(Engine(st), against, t, phash_max=phash)
             if as_json:
@@ -519,11 +543,12 @@ def dedupe(
             print(json.dumps(data))
             return
         for number, g in enumerate(groups, 1):
-            out.print(f"group {number}", style="bold")
+            out.print(f"group {number} (kept: {g.reason})", style="bold", markup=False)
             for m in g.members:
                 mark = "keep" if m.id == g.keep.id else "    "
+                link = "" if m.id == g.keep.id else f" [{m.link}]"
                 out.print(
-                    f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}",
+                    f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}{link}",
                     highlight=False,
                     markup=False,
                     soft_wrap=True,

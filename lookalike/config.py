@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     api_key: str | None = None  # when set, POST /images and DELETE need X-API-Key
     cors_origins: list[str] = []  # closed by default
     thumbnail_size: int = 256  # default thumbnail side in pixels
+    dedupe_move_to: Path | None = None  # the review page's "move the others" folder; None: off
 
 
 @lru_cache

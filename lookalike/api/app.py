@@ -160,6 +160,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
                 return error_response(status, kind, str(exc))
         return error_response(400, "error", str(exc))  # pragma: no cover
 
+    from .dedupe import router as dedupe_router
     from .routes import _Unauthorized, router
 
     @app.exception_handler(_Unauthorized)
@@ -187,6 +188,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         return error_response(500, "internal", "internal error; see the server log")
 
     app.include_router(router)
+    app.include_router(dedupe_router)  # /duplicates, its review actions and page /review
     return app
 
 

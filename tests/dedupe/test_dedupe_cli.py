@@ -117,13 +117,30 @@ def test_json_is_deterministic_and_has_the_issue_shape(dup_collection):
     assert set(first) == {"threshold", "phash_max", "groups"} and first["phash_max"] == 10
     assert len(first["groups"]) == len(planted)
     for g in first["groups"]:
-        assert set(g) == {"keep", "members"}
+        assert set(g) == {"keep", "reason", "members"} and g["reason"]
         assert g["members"][0]["path"] == g["keep"] and g["members"][0]["score"] == 1.0
+        assert g["members"][0]["link"] == "kept"
         for m in g["members"]:
-            assert set(m) == {"path", "score", "bytes", "width", "height", "phash_distance"}
+            assert {
+                "id",
+                "path",
+                "score",
+                "bytes",
+                "width",
+                "height",
+                "phash_distance",
+                "link",
+            } <= set(m)
+            assert set(m["quality"]) >= {"real_pixels", "detail", "jpeg_quality"}
             assert 0 <= m["phash_distance"] <= 64
             assert not Path(m["path"]).is_absolute()
         assert g["members"][0]["phash_distance"] == 0
+        assert all(m["link"] in ("exact", "cosine", "phash") for m in g["members"][1:])
+        exact = photo_name(4) in [m["path"] for m in g["members"]]
+        assert (g["members"][1]["link"] == "exact") == exact
+    # the original is kept over its half-size, re-encoded and cropped copies
+    keeps = {g["keep"] for g in first["groups"]}
+    assert {photo_name(0), photo_name(1), photo_name(7)} <= keeps
     by_keep = {g["keep"]: g for g in first["groups"]}
     assert by_keep[photo_name(0)]["members"][1]["width"] == 32  # the half-size copy
     assert by_keep[photo_name(0)]["members"][1]["score"] > first["threshold"]
