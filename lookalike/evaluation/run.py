@@ -318,8 +318,10 @@ def _lookalike_dedupe(store: Store) -> tuple[list[list[str]] | None, float | Non
         if exc.name and exc.name.endswith("dedupe"):
             return None, None, "lookalike.dedupe is missing: no pair metrics for lookalike"
         raise
+    from ..dedupe.verification import verified_pairs
+
     threshold = float(dedupe.default_threshold(store))
-    groups = dedupe.find_groups(store, threshold=threshold)
+    groups = dedupe.find_groups(store, threshold=threshold, verify=verified_pairs)
     return [[m.path for m in g.members] for g in groups], threshold, None
 
 
