@@ -460,6 +460,12 @@ def dedupe(
         bool,
         typer.Option("--undo", help="Put back every moved file of the last clean-up."),
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Also group pairs under the threshold that local features verify (crops)."
+        ),
+    ] = True,
 ) -> None:
     """Group near-duplicate photos; review them, or move or delete all but one of each group."""
     from .dedupe.actions import apply_actions, pending, plan_actions, preview, resume, undo
@@ -524,7 +530,9 @@ def dedupe(
             for f in known.failed:
                 err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
             return
-        groups = find_groups(st, t, keep, phash)
+        from .dedupe.verification import verified_pairs
+
+        groups = find_groups(st, t, keep, phash, verified_pairs if verify else None)
         if csv_file:
             write_csv(groups, csv_file)
         if html_file:

@@ -40,8 +40,10 @@ if TYPE_CHECKING:
 # threshold with pair precision >= 0.95 on intel_neardup for the default model, measured with
 # the labels by scripts/bench_dedupe.py (docs/dedupe.md): a cautious value for any model.
 FALLBACK_THRESHOLD = 0.925
-# pHash alone joins nothing the embedding calls different: a pHash pair also needs this cosine
-# (on intel_neardup every pHash pair between different photos scored below it; docs/dedupe.md)
+# pHash alone joins nothing the embedding calls different: a pHash pair also needs this cosine,
+# or the store's calibrated impostor score where that is higher (phash_floor; docs/dedupe.md:
+# on the demo set two different beach photos are 8 bits apart at cosine 0.848, under its
+# impostor score 0.936)
 PHASH_COS_FLOOR = 0.7
 EXACT_ALL_PAIRS = 50  # a set of more identical files is joined as a star around its first
 QUERY_CHUNK = 4096  # range-search queries per FAISS call: bounds the memory of one call
@@ -119,6 +121,14 @@ def default_threshold(store: Store) -> float:
     """The store's calibrated threshold for its current model, else FALLBACK_THRESHOLD."""
     t = calibrated_threshold(store)
     return FALLBACK_THRESHOLD if t is None else t
+
+
+def phash_floor(store: Store) -> float:
+    """The cosine a pHash pair needs: PHASH_COS_FLOOR, or the nearest-neighbour impostor score
+    the calibration measured for the store's model where that is higher."""
+    cal = store.info.get("dedupe_calibration") or {}
+    q = cal.get("impostor_quantile") if cal.get("model_serial") == store.model_serial else None
+    return max(PHASH_COS_FLOOR, float(q)) if q is not None else PHASH_COS_FLOOR
 
 
 def check_threshold(threshold: float) -> float:
@@ -363,9 +373,10 @@ def _exact_pairs(copies: list[list[int]]) -> set[tuple[int, int]]:
 
 def candidate_pairs(
     store: Store, threshold: float, phash_max: int | None, verify: Callable | None = None
-) -> dict[tuple[int, int], str]:
-    """Pairs (a < b) the evidence joins, each with its strongest link: exact, cosine,
-    verified or phash (module docstring). verify(store, threshold) returns verified pairs."""
+) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], int]]:
+    """(pairs (a < b) the evidence joins, each with its strongest link: exact, cosine, verified
+    or phash (module docstring); the local-feature matches of the verified pairs).
+    verify(store, threshold) returns {pair: matches} of the pairs it verified."""
     with store.lock:
         store.refresh()  # another process may have changed the store since it was loaded
         conn = store.db.conn
@@ -381,12 +392,12 @@ def candidate_pairs(
         a, b = hash_links(hashes, phash_max)
         x, y = hash_ids[a], hash_ids[b]
         pairs = set(zip(np.minimum(x, y).tolist(), np.maximum(x, y).tolist()))
-        links.update(dict.fromkeys(_above(store, pairs, PHASH_COS_FLOOR), "phash"))
-    if verify is not None:
-        links.update(dict.fromkeys(verify(store, threshold), "verified"))
+        links.update(dict.fromkeys(_above(store, pairs, phash_floor(store)), "phash"))
+    verified = verify(store, threshold) if verify is not None else {}
+    links.update(dict.fromkeys(verified, "verified"))
     links.update(dict.fromkeys(_cosine_pairs(store, threshold), "cosine"))
     links.update(dict.fromkeys(_exact_pairs(copies), "exact"))
-    return links
+    return links, dict(verified)
 
 
 def _above(store: Store, pairs: set[tuple[int, int]], floor: float) -> list[tuple[int, int]]:
@@ -423,7 +434,7 @@ def find_groups(
     check_policy(keep)
     t = default_threshold(store) if threshold is None else check_threshold(threshold)
     phash_max = check_phash_max(phash_max)
-    links = candidate_pairs(store, t, phash_max, verify)
+    links, matches = candidate_pairs(store, t, phash_max, verify)
     apart, preferred = reviewed(store)
     links = {p: kind for p, kind in links.items() if p not in apart}
     nodes = sorted({i for p in links for i in p})
@@ -451,7 +462,9 @@ def find_groups(
         if not joined:
             continue
         taken.update([center, *joined])
-        groups.append(_group(center, joined, records, vectors, links, quality, keep, preferred))
+        groups.append(
+            _group(center, joined, records, vectors, (links, matches), quality, keep, preferred)
+        )
     groups.sort(key=lambda g: min(m.path for m in g.members))
     return groups
 
@@ -474,10 +487,12 @@ def _plain(rec: Any) -> Member:
 def _group(center, joined, records, vectors, links, quality, keep, preferred) -> Group:
     """The Group of a kept id and the ids joined to it, with the evidence of each."""
     ref = vectors[center]
+    links, matches = links
     members = []
     for i in [center, *joined]:
         rec, q = records[i], quality.get(i)
-        kind = "kept" if i == center else links[(min(i, center), max(i, center))]
+        pair = (min(i, center), max(i, center))
+        kind = "kept" if i == center else links[pair]
         members.append(
             Member(
                 i,
@@ -489,7 +504,8 @@ def _group(center, joined, records, vectors, links, quality, keep, preferred) ->
                 rec.mtime,
                 _hash_distance(rec.phash, records[center].phash),
                 kind,
-                quality=q.to_dict() if q is not None else None,
+                matches.get(pair) if i != center else None,
+                q.to_dict() if q is not None else None,
             )
         )
     members.sort(key=lambda m: (m.id != center, m.path))

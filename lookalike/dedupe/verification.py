@@ -31,6 +31,10 @@ FEATURES = 500  # ORB keypoints per photo at most
 RATIO = 0.8  # Lowe's ratio test on the two nearest descriptors
 REPROJECTION = 5.0  # RANSAC inlier distance, pixels at WORK_SIDE
 MIN_MATCHES = 40  # inliers that verify a pair
+# ... and where its cosine is under the store's impostor score (grouping.phash_floor): there,
+# different photos that share shapes reach 40-50 (the demo's procedural beaches); copies of
+# the same photo keep 60 and more
+STRICT_MATCHES = 64
 NEIGHBOURS = 5  # candidates per photo: its nearest others under the threshold
 FLOOR = 0.5  # candidates score at least this cosine
 
@@ -104,25 +108,34 @@ class Verifier:
 
 def candidates(
     store: Store, threshold: float, floor: float = FLOOR, k: int = NEIGHBOURS
-) -> list[tuple[int, int]]:
-    """Pairs (a < b) of each photo and its k nearest others with floor <= cosine < threshold."""
-    out: set[tuple[int, int]] = set()
+) -> dict[tuple[int, int], float]:
+    """Pairs (a < b) of each photo and its k nearest others with floor <= cosine < threshold,
+    with their cosine."""
+    out: dict[tuple[int, int], float] = {}
     for ids, vecs in store.db.embeddings(store.dim):
         with store.lock:
             scores, found = store.index.search(vecs, min(k + 1, len(store.index)))
         for own, srow, frow in zip(np.asarray(ids).tolist(), scores, found):
             for s, j in zip(srow.tolist(), frow.tolist()):
                 if j >= 0 and j != own and floor <= s < threshold:
-                    out.add((min(own, j), max(own, j)))
-    return sorted(out)
+                    out[(min(own, j), max(own, j))] = s
+    return dict(sorted(out.items()))
 
 
 def verified_pairs(
     store: Store, threshold: float, min_matches: int = MIN_MATCHES
 ) -> dict[tuple[int, int], int]:
     """The candidate pairs under the threshold that local features verify, with their inliers:
-    find_groups' ``verify``."""
-    counts = Verifier(store).count(candidates(store, threshold))
-    found = {p: n for p, n in counts.items() if n >= min_matches}
+    find_groups' ``verify``. Under the store's impostor score a pair needs STRICT_MATCHES."""
+    from .grouping import phash_floor
+
+    floor = phash_floor(store)
+    scores = candidates(store, threshold)
+    counts = Verifier(store).count(scores)
+    found = {
+        p: n
+        for p, n in counts.items()
+        if n >= (min_matches if scores[p] >= floor else max(min_matches, STRICT_MATCHES))
+    }
     log.info("verification: %d of %d candidate pairs verified", len(found), len(counts))
     return found
