@@ -4,15 +4,14 @@ The default rule, ``original``, ranks each photo by (docs/dedupe.md, "The keep r
 
 1. a file of the collection before an upload (``@uploads/...``): an upload is a copy someone
    dropped on the web page, never kept over a collection file unless asked (``keep="largest"``);
-2. its real resolution, in half-octave steps: pixels, divided by 4 for each octave the image
-   was blown up by (an upscaled image has almost no energy in its finest octave of detail, a
-   photo has some: ``upscale_octaves``);
-3. its sharpness: the energy of its finest octave over its variance, at its real resolution,
-   in half-octave steps (a re-encoded or blurred copy has lost some; a brighter one has not
-   gained any);
-4. the earlier EXIF capture date (a dated file before an undated one);
-5. lossless before JPEG, then the higher JPEG quality (from the quantization tables), then the
-   larger file, then the shorter and then smaller path.
+2. its real detail, in quarter-octave steps: its real pixels (pixels, divided by 4 for each
+   octave it was blown up by: ``upscale_octaves``) times its sharpness (the energy of its
+   finest octave over its variance, so a brighter copy is no sharper). An upscaled copy has 4x
+   the pixels and a fifth to a tenth of the sharpness; a re-encoded, blurred, cropped or
+   reduced copy has lost detail too (measured on intel_neardup: docs/dedupe.md);
+3. the earlier EXIF capture date (a dated file before an undated one);
+4. the larger file (at equal detail, the less compressed one), then the higher JPEG quality,
+   then the shorter and then smaller path.
 
 The other rules (largest, smallest, oldest, newest, shortest-path) are the plain orders of the
 store's facts, as before. Reading the pixels is limited to the photos of candidate pairs.
@@ -134,23 +133,22 @@ def measure(path: Path) -> Quality | None:
 
 
 def _steps(x: float) -> int:
-    """x in half-octave steps (factor sqrt(2)): small differences are ties, not evidence."""
-    return int(math.floor(2 * math.log2(x))) if x > 0 else -(10**6)
+    """x in quarter-octave steps (factor 1.19): small differences are ties, not evidence."""
+    return int(math.floor(4 * math.log2(x))) if x > 0 else -(10**6)
 
 
 def original_key(path: str, qual: Quality | None, nbytes: int) -> tuple:
     """Sort key of the ``original`` rule: the smallest key is kept (module docstring)."""
     upload = path.startswith(UPLOAD_PREFIX)
     if qual is None:  # unreadable: after every readable member
-        return (upload, 1, 0, 0, 0, "~", -nbytes, len(path), path)
+        return (upload, 1, 0, "~", -nbytes, 0, len(path), path)
     return (
         upload,
         0,
-        -_steps(qual.real_pixels),
-        -_steps(qual.detail),
+        -_steps(qual.real_pixels * qual.detail),
         qual.taken or "~",  # no date: after every dated member
-        -qual.jpeg_quality,
         -nbytes,
+        -qual.jpeg_quality,
         len(path),
         path,
     )
@@ -193,6 +191,7 @@ def reason(policy: str, kept: Any, qual: dict[int, Quality | None]) -> str:
     return why + (
         f"most real detail: {int(q.real_pixels):,} real pixels"
         + (f" (the file is blown up {2**q.upscaled}x)" if q.upscaled else "")
-        + f", sharpness {q.detail:.1f}, "
+        + f" x sharpness {q.detail:.1f}, "
         + ("lossless" if q.jpeg_quality > 100 else f"JPEG quality ~{q.jpeg_quality}")
+        + (f", taken {q.taken}" if q.taken else "")
     )

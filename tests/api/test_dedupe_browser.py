@@ -189,7 +189,8 @@ def test_review_keep_another_not_duplicates_move_and_undo(server, browser, plant
     first.get_by_role("button", name="Keep this one instead").click()
     wait_status(page, "keeping")
     page.wait_for_function(
-        f"document.querySelector('.group .card.keep .path').textContent.includes({other!r})",
+        "(document.querySelector('.group .card.keep .path')?.textContent ?? '')"
+        f".includes({other!r})",
         timeout=TIMEOUT_MS,
     )
 
