@@ -1,7 +1,7 @@
 """Duplicates over HTTP: the groups, the review actions, and the review page (/review).
 
-Every route needs the API key when the service has one (LOOKALIKE_API_KEY): the groups name
-files, and the actions move them. Moves go to LOOKALIKE_DEDUPE_MOVE_TO only, are journalled
+Every route but the page needs the API key when the service has one (LOOKALIKE_API_KEY): the
+groups name files, and the actions move them; the page asks for the key. Moves go to LOOKALIKE_DEDUPE_MOVE_TO only, are journalled
 like the CLI's (lookalike.dedupe.actions) and undone by POST /duplicates/undo.
 """
 
@@ -21,7 +21,8 @@ from ..dedupe.keep import KEEP_POLICIES
 from ..errors import InvalidArgumentError, NotFoundError
 from .routes import ERRORS, EngineDep, require_api_key
 
-router = APIRouter(dependencies=[Depends(require_api_key)], tags=["dedupe"])
+router = APIRouter(tags=["dedupe"])
+KEYED = [Depends(require_api_key)]  # every route but the page itself
 MIN_THRESHOLD = 0.5  # below this a "duplicate" is merely a similar photo: refused (422)
 MAX_GROUPS = 200  # groups per page at most
 AUTH = {401: {"description": "Missing or wrong X-API-Key (when the service has a key)"}}
@@ -48,7 +49,7 @@ class MoveOthers(BaseModel):
     others: list[Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]] = Field(min_length=1)
 
 
-@router.get("/duplicates", responses=ERRORS | AUTH)
+@router.get("/duplicates", responses=ERRORS | AUTH, dependencies=KEYED)
 def duplicates(
     engine: EngineDep,
     threshold: Annotated[
@@ -68,20 +69,20 @@ def duplicates(
     return find_duplicates(engine.store, threshold, keep, offset=offset, limit=limit)
 
 
-@router.post("/duplicates/keep", responses=ERRORS | AUTH)
+@router.post("/duplicates/keep", responses=ERRORS | AUTH, dependencies=KEYED)
 def keep_instead(engine: EngineDep, choice: KeepChoice) -> dict:
     """Keep this one instead: it is kept in its group from now on."""
     review.prefer(engine.store, choice.id, choice.others)
     return {"kept": choice.id}
 
 
-@router.post("/duplicates/apart", responses=ERRORS | AUTH)
+@router.post("/duplicates/apart", responses=ERRORS | AUTH, dependencies=KEYED)
 def not_duplicates(engine: EngineDep, group: Ids) -> dict:
     """Not duplicates: these images never form a group again (remembered in the store)."""
     return {"pairs": review.mark_apart(engine.store, group.ids)}
 
 
-@router.post("/duplicates/move", responses=ERRORS | AUTH)
+@router.post("/duplicates/move", responses=ERRORS | AUTH, dependencies=KEYED)
 def move_others(request: Request, engine: EngineDep, move: MoveOthers) -> dict:
     """Move the others of a group to the service's dedupe folder (journalled; undo)."""
     folder = request.app.state.settings.dedupe_move_to
@@ -97,7 +98,7 @@ def move_others(request: Request, engine: EngineDep, move: MoveOthers) -> dict:
     return report.to_dict()
 
 
-@router.post("/duplicates/undo", responses=ERRORS | AUTH)
+@router.post("/duplicates/undo", responses=ERRORS | AUTH, dependencies=KEYED)
 def undo(engine: EngineDep) -> dict:
     """Put back every moved file of the last clean-up (the CLI's or this page's)."""
     return actions.undo(engine.store).to_dict()
