@@ -1,10 +1,11 @@
 """What a reviewer decided about groups, remembered in the store's SQLite database.
 
 Two tables, created here on first use (the store's own schema is not touched):
-- ``dedupe_apart(a, b)``: pairs of files marked "not duplicates" (by sha256, a < b), so the
+- ``dedupe_apart(a, b)``: pairs of files marked "not duplicates" (by path, a < b), so the
   pair never joins a group again, whatever the threshold, and survives re-indexing;
-- ``dedupe_keep(sha256)``: files chosen with "keep this one instead": they come first when
+- ``dedupe_keep(path)``: files chosen with "keep this one instead": they come first when
   groups are built, so each is the kept photo of its group.
+Paths, not sha256: two identical files are still two files a reviewer can tell apart.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS dedupe_apart (a TEXT NOT NULL, b TEXT NOT NULL, "
     "PRIMARY KEY (a, b))",
-    "CREATE TABLE IF NOT EXISTS dedupe_keep (sha256 TEXT PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS dedupe_keep (path TEXT PRIMARY KEY)",
 )
 
 
@@ -47,12 +48,12 @@ def _write(store: Store, statements: Iterable[tuple[str, tuple]]) -> None:
             raise
 
 
-def _shas(store: Store, ids: list[int]) -> list[str]:
+def _paths(store: Store, ids: list[int]) -> list[str]:
     records = store.db.get_many(ids)
     missing = [i for i in ids if i not in records]
     if missing:
         raise NotFoundError(f"no image with id {missing[0]}")
-    return [records[i].sha256 for i in ids]
+    return [records[i].path for i in ids]
 
 
 def mark_apart(store: Store, ids: list[int]) -> int:
@@ -60,17 +61,17 @@ def mark_apart(store: Store, ids: list[int]) -> int:
     ids = sorted({int(i) for i in ids})
     if len(ids) < 2:
         raise InvalidArgumentError("give at least two image ids that are not duplicates")
-    shas = sorted(set(_shas(store, ids)))
-    pairs = [(a, b) for n, a in enumerate(shas) for b in shas[n + 1 :]]
+    paths = sorted(set(_paths(store, ids)))
+    pairs = [(a, b) for n, a in enumerate(paths) for b in paths[n + 1 :]]
     _write(store, [("INSERT OR IGNORE INTO dedupe_apart VALUES (?, ?)", p) for p in pairs])
     return len(pairs)
 
 
 def prefer(store: Store, image_id: int, others: list[int] = ()) -> None:
     """Keep image_id instead of the others (their own earlier choices are forgotten)."""
-    shas = _shas(store, [int(image_id), *[int(i) for i in others]])
-    forget = [("DELETE FROM dedupe_keep WHERE sha256 = ?", (s,)) for s in shas[1:]]
-    _write(store, [*forget, ("INSERT OR IGNORE INTO dedupe_keep VALUES (?)", (shas[0],))])
+    paths = _paths(store, [int(image_id), *[int(i) for i in others]])
+    forget = [("DELETE FROM dedupe_keep WHERE path = ?", (p,)) for p in paths[1:]]
+    _write(store, [*forget, ("INSERT OR IGNORE INTO dedupe_keep VALUES (?)", (paths[0],))])
 
 
 def reviewed(store: Store) -> tuple[set[tuple[int, int]], set[int]]:
@@ -80,10 +81,10 @@ def reviewed(store: Store) -> tuple[set[tuple[int, int]], set[int]]:
             return set(), set()
         conn = store.db.conn
         apart = conn.execute(
-            "SELECT i.id, j.id FROM dedupe_apart d JOIN images i ON i.sha256 = d.a "
-            "JOIN images j ON j.sha256 = d.b"
+            "SELECT i.id, j.id FROM dedupe_apart d JOIN images i ON i.path = d.a "
+            "JOIN images j ON j.path = d.b"
         ).fetchall()
         keep = conn.execute(
-            "SELECT i.id FROM dedupe_keep k JOIN images i ON i.sha256 = k.sha256"
+            "SELECT i.id FROM dedupe_keep k JOIN images i ON i.path = k.path"
         ).fetchall()
     return {(min(a, b), max(a, b)) for a, b in apart}, {r[0] for r in keep}

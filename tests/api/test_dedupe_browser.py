@@ -31,7 +31,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-TIMEOUT_MS = 30_000
+TIMEOUT_MS = 90_000  # each action re-reads the groups: slow on a loaded 2-core machine
 KEY = "review-key"
 COPIED = (0, 1, 2)  # photos with an exact copy under dups/: three groups of two
 
@@ -145,9 +145,15 @@ def server(planted, tmp_path):
 
 
 def wait_status(page, text: str) -> str:
-    page.wait_for_function(
-        f"document.getElementById('status').textContent.includes({text!r})", timeout=TIMEOUT_MS
-    )
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            f"document.getElementById('status').textContent.includes({text!r})",
+            timeout=TIMEOUT_MS,
+        )
+    except PlaywrightTimeout:
+        pytest.fail(f"status never said {text!r}: {page.locator('#status').inner_text()!r}")
     return page.locator("#status").inner_text()
 
 
