@@ -469,7 +469,7 @@ def dedupe(
 ) -> None:
     """Group near-duplicate photos; review them, or move or delete all but one of each group."""
     from .dedupe.actions import apply_actions, pending, plan_actions, preview, resume, undo
-    from .dedupe.grouping import calibrated_threshold, find_groups, groups_to_dict
+    from .dedupe.grouping import BAND, calibrated_threshold, find_groups, groups_to_dict
     from .dedupe.report import write_csv, write_html
     from .store import Store
 
@@ -532,7 +532,8 @@ def dedupe(
             return
         from .dedupe.verification import verified_pairs
 
-        groups = find_groups(st, t, keep, phash, verified_pairs if verify else None)
+        band = BAND if threshold is None else 0.0  # the calibrated default: a second witness
+        groups = find_groups(st, t, keep, phash, verified_pairs if verify else None, band)
         if csv_file:
             write_csv(groups, csv_file)
         if html_file:

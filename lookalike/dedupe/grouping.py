@@ -45,6 +45,12 @@ FALLBACK_THRESHOLD = 0.925
 # on the demo set two different beach photos are 8 bits apart at cosine 0.848, under its
 # impostor score 0.936)
 PHASH_COS_FLOOR = 0.7
+# A cosine link less than BAND above the threshold needs a second witness: a pHash within
+# WITNESS_PHASH bits or verified local features (docs/dedupe.md: on 252 intel_scenes photos,
+# all different, the two pairs above the calibrated 0.792 scored 0.800 and 0.798, pHash 24 and
+# 32 bits apart, no features verified)
+BAND = 0.05
+WITNESS_PHASH = 16
 EXACT_ALL_PAIRS = 50  # a set of more identical files is joined as a star around its first
 QUERY_CHUNK = 4096  # range-search queries per FAISS call: bounds the memory of one call
 # faiss computes exact inner products with BLAS only for at least this many queries; its
@@ -372,7 +378,11 @@ def _exact_pairs(copies: list[list[int]]) -> set[tuple[int, int]]:
 
 
 def candidate_pairs(
-    store: Store, threshold: float, phash_max: int | None, verify: Callable | None = None
+    store: Store,
+    threshold: float,
+    phash_max: int | None,
+    verify: Callable | None = None,
+    band: float = 0.0,
 ) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], int]]:
     """(pairs (a < b) the evidence joins, each with its strongest link: exact, cosine, verified
     or phash (module docstring); the local-feature matches of the verified pairs).
@@ -393,7 +403,7 @@ def candidate_pairs(
         x, y = hash_ids[a], hash_ids[b]
         pairs = set(zip(np.minimum(x, y).tolist(), np.maximum(x, y).tolist()))
         links.update(dict.fromkeys(_above(store, pairs, phash_floor(store)), "phash"))
-    verified = verify(store, threshold) if verify is not None else {}
+    verified = verify(store, threshold + band) if verify is not None else {}
     links.update(dict.fromkeys(verified, "verified"))
     links.update(dict.fromkeys(_cosine_pairs(store, threshold), "cosine"))
     links.update(dict.fromkeys(_exact_pairs(copies), "exact"))
@@ -419,6 +429,7 @@ def find_groups(
     keep: str = DEFAULT_KEEP,
     phash_max: int | None = PHASH_MAX,
     verify: Callable | None = None,
+    band: float = 0.0,
 ) -> list[Group]:
     """Groups of near-duplicate images in the store, in a deterministic order.
 
@@ -426,7 +437,9 @@ def find_groups(
     pHash within phash_max bits with cosine >= PHASH_COS_FLOOR, None or negative: off; exact
     copies; pairs verify returns) are assembled into stars around the photos the keep rule
     ranks first (module docstring); pairs a reviewer marked "not duplicates" are left out, and
-    a photo a reviewer chose to keep comes first. Groups are sorted by their smallest path;
+    a photo a reviewer chose to keep comes first. A cosine link under threshold + band needs a
+    second witness (BAND; the callers use it at the calibrated default threshold, not at one a
+    user gives). Groups are sorted by their smallest path;
     members list the kept one first, then by path.
     """
     from .review import reviewed
@@ -434,7 +447,7 @@ def find_groups(
     check_policy(keep)
     t = default_threshold(store) if threshold is None else check_threshold(threshold)
     phash_max = check_phash_max(phash_max)
-    links, matches = candidate_pairs(store, t, phash_max, verify)
+    links, matches = candidate_pairs(store, t, phash_max, verify, band)
     apart, preferred = reviewed(store)
     links = {p: kind for p, kind in links.items() if p not in apart}
     nodes = sorted({i for p in links for i in p})
@@ -447,6 +460,13 @@ def find_groups(
         if keep == DEFAULT_KEEP
         else {}
     )
+    links = {
+        p: kind
+        for p, kind in links.items()
+        if p[0] in vectors
+        and p[1] in vectors
+        and _witnessed(p, kind, t + band, vectors, records, matches)
+    }
     adjacent: dict[int, list[int]] = {i: [] for i in nodes}
     for a, b in links:
         if a in adjacent and b in adjacent:
@@ -467,6 +487,18 @@ def find_groups(
         )
     groups.sort(key=lambda g: min(m.path for m in g.members))
     return groups
+
+
+def _witnessed(pair, kind, band_top, vectors, records, matches) -> bool:
+    """False for a cosine link under band_top (in the band above the threshold) without a
+    second witness."""
+    a, b = pair
+    if kind != "cosine" or float(vectors[a] @ vectors[b]) >= band_top:
+        return True
+    from .verification import MIN_MATCHES
+
+    dist = _hash_distance(records[a].phash, records[b].phash)
+    return matches.get(pair, 0) >= MIN_MATCHES or (dist is not None and dist <= WITNESS_PHASH)
 
 
 def _rank(keep: str, records: dict, quality: dict, preferred: set[int]) -> Callable[[int], tuple]:
@@ -546,7 +578,10 @@ def duplicates(
     groups[offset:offset + limit] only, with "total" the number of groups."""
     t = default_threshold(store) if threshold is None else check_threshold(threshold)
     phash_max = check_phash_max(phash_max)
-    groups = find_groups(store, t, keep, phash_max)
+    from .verification import verified_pairs
+
+    band = BAND if threshold is None else 0.0
+    groups = find_groups(store, t, keep, phash_max, verified_pairs, band)
     page = groups[offset : None if limit is None else offset + limit]
     out = groups_to_dict(page, t, phash_max)
     out.update(total=len(groups), offset=offset)

@@ -321,7 +321,7 @@ def _lookalike_dedupe(store: Store) -> tuple[list[list[str]] | None, float | Non
     from ..dedupe.verification import verified_pairs
 
     threshold = float(dedupe.default_threshold(store))
-    groups = dedupe.find_groups(store, threshold=threshold, verify=verified_pairs)
+    groups = dedupe.find_groups(store, threshold=threshold, verify=verified_pairs, band=dedupe.BAND)
     return [[m.path for m in g.members] for g in groups], threshold, None
 
 

@@ -199,6 +199,27 @@ def test_move_yes_moves_exactly_the_others_and_updates_the_store(collection, tmp
     assert not (store / dedupe_actions.JOURNAL).exists()
 
 
+def test_undo_puts_back_every_moved_file_and_its_row(collection, tmp_path):
+    photos, store, planted = collection
+    out = tmp_path / "moved"
+    before, states_before = tree(photos), store_state(store)[0]
+    groups_before = json.loads(dedupe("--store", store, "--json").stdout)["groups"]
+    dedupe("--store", store, "--move-to", out, "--yes")
+    assert tree(photos) != before
+    result = json.loads(dedupe("--store", store, "--undo", "--json").stdout)
+    assert sorted(result["restored"]) == sorted(planted) and result["failed"] == []
+    assert result["rows"] == len(planted)
+    assert tree(photos) == before and tree(out) == {}
+    states, count, _ = store_state(store)
+    assert set(states) == set(states_before) and count == len(states)
+    groups = json.loads(dedupe("--store", store, "--json").stdout)["groups"]
+    assert [[m["path"] for m in g["members"]] for g in groups] == [
+        [m["path"] for m in g["members"]] for g in groups_before
+    ]
+    again = dedupe("--store", store, "--undo", ok=False)  # nothing left to undo
+    assert again.exit_code != 0 and "no dedupe clean-up to undo" in again.output
+
+
 def test_delete_yes_deletes_the_others_only(collection):
     photos, store, planted = collection
     before = tree(photos)
