@@ -326,8 +326,9 @@ def _restore_rows(store: Store, rows: list[dict[str, Any]]) -> int:
         vectors = np.stack(
             [np.frombuffer(base64.b64decode(r["vector"]), "<f4") for r in keep]
         ).astype(np.float32)
+        index = store.index  # loaded (or rebuilt) before the write, so it is added to once
         ids = store.db.write(zip(records, vectors), model=store.model_serial)
-        store.index.add(vectors, np.array(ids, dtype=np.int64))
+        index.add(vectors, np.array(ids, dtype=np.int64))
         store.save_index()
     return len(ids)
 

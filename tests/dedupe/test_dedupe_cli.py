@@ -204,10 +204,11 @@ def test_undo_puts_back_every_moved_file_and_its_row(collection, tmp_path):
     out = tmp_path / "moved"
     before, states_before = tree(photos), store_state(store)[0]
     groups_before = json.loads(dedupe("--store", store, "--json").stdout)["groups"]
-    dedupe("--store", store, "--move-to", out, "--yes")
-    assert tree(photos) != before
+    moved = json.loads(dedupe("--store", store, "--move-to", out, "--yes", "--json").stdout)
+    moved = sorted(f["path"] for f in moved["applied"]["files"] if f["status"] == "moved")
+    assert len(moved) == len(planted) and tree(photos) != before
     result = json.loads(dedupe("--store", store, "--undo", "--json").stdout)
-    assert sorted(result["restored"]) == sorted(planted) and result["failed"] == []
+    assert sorted(result["restored"]) == moved and result["failed"] == []
     assert result["rows"] == len(planted)
     assert tree(photos) == before and tree(out) == {}
     states, count, _ = store_state(store)
