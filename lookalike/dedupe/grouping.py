@@ -45,6 +45,9 @@ FALLBACK_THRESHOLD = 0.925
 # on the demo set two different beach photos are 8 bits apart at cosine 0.848, under its
 # impostor score 0.936)
 PHASH_COS_FLOOR = 0.7
+# ... and at most this far under the cosine threshold: on 300 Fashion-MNIST photos (28 px, grey)
+# different products of a class are 2-10 bits apart at cosine 0.82-0.87, threshold 0.97
+PHASH_BELOW = 0.05
 # A cosine link less than BAND above the threshold needs a second witness: a pHash within
 # WITNESS_PHASH bits or verified local features (docs/dedupe.md: on 252 intel_scenes photos,
 # all different, the two pairs above the calibrated 0.792 scored 0.800 and 0.798, pHash 24 and
@@ -402,7 +405,8 @@ def candidate_pairs(
         a, b = hash_links(hashes, phash_max)
         x, y = hash_ids[a], hash_ids[b]
         pairs = set(zip(np.minimum(x, y).tolist(), np.maximum(x, y).tolist()))
-        links.update(dict.fromkeys(_above(store, pairs, phash_floor(store)), "phash"))
+        floor = max(phash_floor(store), threshold - PHASH_BELOW)
+        links.update(dict.fromkeys(_above(store, pairs, floor), "phash"))
     verified = verify(store, threshold + band) if verify is not None else {}
     links.update(dict.fromkeys(verified, "verified"))
     links.update(dict.fromkeys(_cosine_pairs(store, threshold), "cosine"))

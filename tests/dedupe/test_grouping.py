@@ -263,18 +263,20 @@ def test_close_phashes_join_photos_under_the_threshold_above_a_cosine_floor(tmp_
     h = 0x1234_5678_9ABC_DEF0
     items = [
         ("a.jpg", basis[0], {"phash": h}),
-        ("b.jpg", near(basis[0], 0.8, 1), {"phash": flip(h, range(0, 60, 10))}),  # 6 bits
+        ("b.jpg", near(basis[0], 0.87, 1), {"phash": flip(h, range(0, 60, 10))}),  # 6 bits
         ("c.jpg", basis[2], {"phash": flip(h, range(1, 24, 2))}),  # 12 bits away, cosine 0
         ("e.jpg", basis[4], {"phash": flip(h, range(0, 60, 20))}),  # 3 bits, cosine 0
         ("d.jpg", basis[3], {}),  # no pHash (an old row): cosine only
     ]
     store = make_store(tmp_path, items)
-    assert dedupe.PHASH_COS_FLOOR < 0.8 < 0.9
+    assert max(dedupe.PHASH_COS_FLOOR, 0.9 - dedupe.PHASH_BELOW) < 0.87 < 0.9
     (group,) = find_groups(store, 0.9, keep="shortest-path")
     # e is 3 bits from a but the embedding calls it a different photo: pHash alone never joins
     assert [m.path for m in group.members] == ["a.jpg", "b.jpg"]
     assert [m.phash_distance for m in group.members] == [0, 6]
-    assert group.members[1].score == pytest.approx(0.8, abs=1e-5)  # still the cosine
+    assert group.members[1].score == pytest.approx(0.87, abs=1e-5)  # still the cosine
+    # the same pair under a threshold 0.05 higher: pHash alone is not enough so far below it
+    assert find_groups(store, 0.93, keep="shortest-path") == []
     assert group.members[1].to_dict()["phash_distance"] == 6
     assert group.members[1].link == "phash"
     assert find_groups(store, 0.9, phash_max=None) == []  # cosine only
