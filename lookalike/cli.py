@@ -506,8 +506,12 @@ def dedupe(
         Path | None, typer.Option("--html", help="Write a page of thumbnails to this file.")
     ] = None,
     keep: Annotated[
-        str, typer.Option(help="Which to keep: largest, smallest, oldest, newest, shortest-path.")
-    ] = "largest",
+        str,
+        typer.Option(
+            help="Which to keep: original (most real detail; never an upload over a "
+            "collection file), largest, smallest, oldest, newest, shortest-path."
+        ),
+    ] = "original",
     move_to: Annotated[
         Path | None, typer.Option("--move-to", help="Move the others here (under their paths).")
     ] = None,
@@ -519,11 +523,21 @@ def dedupe(
         Path | None,
         typer.Option("--against", help="List files of this folder the collection already has."),
     ] = None,
+    undo_last: Annotated[
+        bool,
+        typer.Option("--undo", help="Put back every moved file of the last clean-up."),
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Also group pairs under the threshold that local features verify (crops)."
+        ),
+    ] = True,
 ) -> None:
     """Group near-duplicate photos; review them, or move or delete all but one of each group."""
-    from .dedupe_actions import apply_actions, pending, plan_actions, preview, resume
-    from .dedupe_report import write_csv, write_html
-    from .index.dedupe import calibrated_threshold, find_groups, groups_to_dict
+    from .dedupe.actions import apply_actions, pending, plan_actions, preview, resume, undo
+    from .dedupe.grouping import BAND, calibrated_threshold, find_groups, groups_to_dict
+    from .dedupe.report import write_csv, write_html
     from .store import Store
 
     if as_json and csv_file:
@@ -534,8 +548,24 @@ def dedupe(
         fail("--yes confirms --move-to or --delete; give one of them")
     if against and (move_to or delete or csv_file or html_file):
         fail("--against only lists matches; it takes no --move-to, --delete, --csv or --html")
+    if undo_last and (move_to or delete or against or csv_file or html_file or yes):
+        fail("--undo puts back the last clean-up; it takes no other action")
     with errors_to_exit(), Store.open(store) as st:
         st.model_config()  # a clear error for a store without a model
+        if undo_last:
+            done = undo(st)
+            if as_json:
+                print(json.dumps(done.to_dict()))
+                return
+            for p in done.restored:
+                out.print(f"put back {p}", highlight=False, markup=False, soft_wrap=True)
+            for p, why in done.failed:
+                err.print(f"not put back {p}: {why}", highlight=False, markup=False)
+            out.print(
+                f"{len(done.restored)} files put back, {done.rows} rows restored "
+                f"(run `lookalike index` for any row of an older model)"
+            )
+            return
         if pending(st):
             if yes:
                 done = resume(st)
@@ -544,14 +574,14 @@ def dedupe(
                 err.print("note: an interrupted dedupe run is pending; --yes finishes it")
         t = threshold if threshold is not None else calibrated_threshold(st)
         if t is None:
-            from .calibrate import calibrate_store
+            from .dedupe.calibration import calibrate_store
 
             err.print("measuring this store's dedupe threshold (once per model)...")
             t = calibrate_store(st).threshold
         phash = phash_max if phash_max >= 0 else None
         if against is not None:
+            from .dedupe.incoming import find_known
             from .engine import Engine
-            from .incoming import find_known
 
             known = find_known(Engine(st), against, t, phash_max=phash)
             if as_json:
@@ -567,7 +597,10 @@ def dedupe(
             for f in known.failed:
                 err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
             return
-        groups = find_groups(st, t, keep, phash)
+        from .dedupe.verification import verified_pairs
+
+        band = BAND if threshold is None else 0.0  # the calibrated default: a second witness
+        groups = find_groups(st, t, keep, phash, verified_pairs if verify else None, band)
         if csv_file:
             write_csv(groups, csv_file)
         if html_file:
@@ -586,11 +619,12 @@ def dedupe(
             print(json.dumps(data))
             return
         for number, g in enumerate(groups, 1):
-            out.print(f"group {number}", style="bold")
+            out.print(f"group {number} (kept: {g.reason})", style="bold", markup=False)
             for m in g.members:
                 mark = "keep" if m.id == g.keep.id else "    "
+                link = "" if m.id == g.keep.id else f" [{m.link}]"
                 out.print(
-                    f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}",
+                    f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}{link}",
                     highlight=False,
                     markup=False,
                     soft_wrap=True,

@@ -204,8 +204,6 @@ def _upload(image: Query) -> tuple[str, bytes]:
 
 def _duplicates_function():
     """The dedupe package's `duplicates(store, threshold, keep, phash_max)` -> JSON-ready dict."""
-    try:
-        from .dedupe import duplicates  # where the dedupe code is moving
-    except ImportError:
-        from .index.dedupe import duplicates
+    from .dedupe.grouping import duplicates
+
     return duplicates

@@ -129,6 +129,7 @@ class Settings(BaseSettings):
     thumbnail_size: int = Field(256, ge=1, le=1024)  # default thumbnail side, pixels (served at
     # the next size of lookalike.api.thumbnails.SIZES up)
     write_timeout: float = 2.0  # seconds a write waits for the store's lock before 503
+    dedupe_move_to: Path | None = None  # the review page's "move the others" folder; None: off
 
 
 @lru_cache

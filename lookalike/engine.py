@@ -66,6 +66,7 @@ class Engine:
         self.max_decode_bytes = max_decode_bytes
         self.single_thread_faiss = single_thread_faiss
         self.write_timeout = write_timeout  # seconds a write waits for the store (None: ever)
+        store.write_timeout = write_timeout  # every write through this engine's store, too
         self._model_lock = threading.Lock()
         _ = store.index  # load (or build) the index now, not on the first query
         self._use_model(store.index_model_serial, embedder)

@@ -323,7 +323,7 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
     if count and calibration.get("model_serial") != store.model_serial:
         # the cosine scale of duplicates is the model's: measure it for every new model (also
         # when the run that trained it was cut off before calibrating)
-        from .calibrate import calibrate_store
+        from .dedupe.calibration import calibrate_store
 
         progress("calibrate", 0, 1)
         calibrate_store(store, embedder or store.load_embedder())

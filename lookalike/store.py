@@ -201,6 +201,7 @@ class Store:
         self.lock = threading.RLock()  # in-process: guards the in-memory index and state
         self._flock = filelock.FileLock(root / ".write.lock", thread_local=True)
         self._local = threading.local()  # writing() depth of the calling thread
+        self.write_timeout: float | None = None  # default wait for the writer lock (None: ever)
         self._index: KnnIndex | None = None
         self._index_generation = -1  # table generation the in-memory index reflects
         self._index_serial = -1  # model serial of the vectors in the in-memory index
@@ -644,8 +645,9 @@ class Store:
     @contextmanager
     def writing(self, timeout: float | None = None) -> Iterator[None]:
         """Hold the cross-process writer lock (re-entrant in one thread). Waits for it without
-        holding the in-process lock, so searches go on meanwhile; with a timeout, a writer that
-        cannot get it in time raises StoreBusyError. On entry, a dead writer's leftovers are
+        holding the in-process lock, so searches go on meanwhile; with a timeout (or the
+        store's ``write_timeout``: the service sets one), a writer that cannot get it in time
+        raises StoreBusyError. On entry, a dead writer's leftovers are
         removed and the index is brought to the table's current generation."""
         if self.writing_here:
             self._local.depth += 1
@@ -656,6 +658,7 @@ class Store:
             return
         if self.db.readonly:
             raise StoreWriteError(f"store {self.root} is read-only; nothing was changed")
+        timeout = self.write_timeout if timeout is None else timeout
         try:
             self._flock.acquire(timeout=-1 if timeout is None else timeout)
         except filelock.Timeout:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.index.dedupe import (
+from lookalike.dedupe.grouping import (
     PHASH_MAX,
     UnionFind,
     default_threshold,
@@ -159,7 +159,7 @@ def quality(args: argparse.Namespace) -> None:
         )
 
     if args.seeds:
-        from lookalike.calibrate import calibrate
+        from lookalike.dedupe.calibration import calibrate
 
         embedder = store.load_embedder()
         print(f"\ncalibration with {args.seeds} seeds:")

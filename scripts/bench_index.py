@@ -7,7 +7,7 @@ Each measurement runs in a fresh subprocess that reports its own peak RSS:
 
   decode   lookalike.images.iter_batches over every file, nothing else (the indexer's decoder)
   index    lookalike.indexer.index_folder into a new store: training, embedding, FAISS + SQLite
-  dedupe   lookalike.index.dedupe.find_groups on the index's store (FAISS range search)
+  dedupe   lookalike.dedupe.grouping.find_groups on the index's store (FAISS range search)
   phash    imagehash.phash of every file (peer), in this venv
   imagededup  imagededup's PHash encode_images + find_duplicates (peer), in --imagededup-python
 
@@ -190,7 +190,7 @@ def child(args) -> dict:
                 imagehash.phash(img)
         out.update(phash_seconds=time.perf_counter() - t0)
     elif args.child == "dedupe":
-        from lookalike.index.dedupe import default_threshold, find_groups
+        from lookalike.dedupe.grouping import default_threshold, find_groups
         from lookalike.store import Store
 
         with Store.open(args.store) as st:

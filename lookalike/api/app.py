@@ -23,7 +23,7 @@ from ..errors import (
     StoreBusyError,
     StoreError,
 )
-from . import browse, page, routes
+from . import browse, dedupe, page, routes
 from .deps import Unauthorized
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(browse.router)
     app.include_router(page.router)
+    app.include_router(dedupe.router)  # /duplicates, its review actions and page /review
     return app
 
 

@@ -11,8 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
+from ..dedupe.grouping import calibrated_threshold, default_threshold
 from ..errors import NotFoundError
-from ..index.dedupe import calibrated_threshold, default_threshold
 from .deps import EngineDep, needs_api_key
 from .schemas import PageConfig
 

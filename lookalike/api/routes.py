@@ -173,28 +173,6 @@ def suggest(
     )
 
 
-@router.get("/duplicates", responses=ERRORS, tags=["dedupe"])
-def duplicates(
-    engine: EngineDep,
-    threshold: Annotated[
-        float | None,
-        Query(
-            ge=-1.0, le=1.0, description="Cosine threshold (default: the store's calibrated one)"
-        ),
-    ] = None,
-    keep: Annotated[
-        str,
-        Query(
-            pattern="^(largest|smallest|oldest|newest|shortest-path)$", description="Which to keep"
-        ),
-    ] = "largest",
-) -> dict:
-    """Groups of near-duplicates, as `lookalike dedupe --json` prints them."""
-    from ..index.dedupe import duplicates as find_duplicates
-
-    return find_duplicates(engine.store, threshold, keep)
-
-
 @router.get("/health", response_model=Health, tags=["service"])
 def health(engine: EngineDep):
     """Ready when the model and index are loaded (they load before the server accepts requests)."""

@@ -313,13 +313,15 @@ def read_groups(path: Path) -> dict[str, str]:
 def _lookalike_dedupe(store: Store) -> tuple[list[list[str]] | None, float | None, str | None]:
     """lookalike dedupe's groups at its default threshold, or a note why there are none."""
     try:
-        from ..index import dedupe
+        from ..dedupe import grouping as dedupe
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.endswith("dedupe"):
-            return None, None, "lookalike.index.dedupe is missing: no pair metrics for lookalike"
+            return None, None, "lookalike.dedupe is missing: no pair metrics for lookalike"
         raise
+    from ..dedupe.verification import verified_pairs
+
     threshold = float(dedupe.default_threshold(store))
-    groups = dedupe.find_groups(store, threshold=threshold)
+    groups = dedupe.find_groups(store, threshold=threshold, verify=verified_pairs, band=dedupe.BAND)
     return [[m.path for m in g.members] for g in groups], threshold, None
 
 
@@ -334,7 +336,7 @@ def _dedupe_links(store: Store, coll: Collection) -> tuple[np.ndarray, str]:
     links = [(c[0], x) for c in by_sha.values() for x in c[1:]]
     what = "exact copies"
     try:
-        from ..index import dedupe
+        from ..dedupe import grouping as dedupe
     except ModuleNotFoundError:
         dedupe = None
     phash_max = getattr(dedupe, "PHASH_MAX", None)

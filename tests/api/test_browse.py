@@ -60,7 +60,7 @@ def test_images_bad_parameters_are_422(client, query):
 
 
 def test_config_says_whether_a_key_is_needed(client, app_with):
-    from lookalike.index.dedupe import default_threshold
+    from lookalike.dedupe.grouping import default_threshold
 
     body = client.get("/config").json()
     assert body["needs_api_key"] is False

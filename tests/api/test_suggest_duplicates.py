@@ -47,7 +47,7 @@ def test_suggest_errors_match_search(client):
 
 
 def test_duplicates_endpoint_matches_library(client, api_store):
-    from lookalike.index.dedupe import duplicates
+    from lookalike.dedupe.grouping import duplicates
 
     resp = client.get("/duplicates?threshold=0.5")
     assert resp.status_code == 200, resp.text

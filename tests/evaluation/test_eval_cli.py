@@ -23,7 +23,7 @@ LABEL_KEYS = ["label_p@3", "label_r@3", "label_micro_f1", "label_threshold"]  # 
 NEARDUP_KEYS = ["recall@3", "mrr", "pair_precision", "pair_recall", "pair_f1", "recall@p0.95"]
 METHODS = ["lookalike", "raw_pixels", "phash"]
 TINY_JSON = json.dumps(TINY.replace(epochs=2).to_dict())
-HAS_DEDUPE = importlib.util.find_spec("lookalike.index.dedupe") is not None
+HAS_DEDUPE = importlib.util.find_spec("lookalike.dedupe.grouping") is not None
 
 
 def invoke(*args: str):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike.errors import InvalidArgumentError
-from lookalike.index import dedupe
-from lookalike.index.dedupe import (
+from lookalike.dedupe import grouping as dedupe
+from lookalike.dedupe.grouping import (
     FALLBACK_THRESHOLD,
     PHASH_MAX,
     UnionFind,
@@ -19,6 +18,7 @@ from lookalike.index.dedupe import (
     hash_pairs,
     popcount,
 )
+from lookalike.errors import InvalidArgumentError
 from lookalike.index.knn import KnnIndex
 from lookalike.index.meta import ImageRecord
 from lookalike.store import Store
@@ -63,7 +63,7 @@ def paths_of(groups):
     return [[m.path for m in g.members] for g in groups]
 
 
-def test_pairs_above_threshold_are_grouped_and_chained(tmp_path, basis):
+def test_pairs_above_threshold_are_grouped_but_never_chained(tmp_path, basis):
     a = basis[0]
     b = near(a, 0.95, 1)
     c = near(b, 0.95, 2)  # cos(a, c) < 0.95: joined only through b
@@ -78,13 +78,16 @@ def test_pairs_above_threshold_are_grouped_and_chained(tmp_path, basis):
     store = make_store(tmp_path, items)
     assert float(a @ c) < 0.94
     groups = find_groups(store, 0.94, keep="shortest-path")
-    assert paths_of(groups) == [["x/a.jpg", "x/b.jpg", "x/c.jpg"]]
+    # c is linked to b only: it does not join a's group through b (no chains)
+    assert paths_of(groups) == [["x/a.jpg", "x/b.jpg"]]
     g = groups[0]
     assert g.keep.path == "x/a.jpg" and g.members[0] == g.keep and g.keep.score == 1.0
-    scores = {m.path: m.score for m in g.members}
-    assert scores["x/b.jpg"] == pytest.approx(0.95, abs=1e-5)
-    assert scores["x/c.jpg"] == pytest.approx(float(a @ c), abs=1e-5)
-    assert [m.path for m in g.others] == ["x/b.jpg", "x/c.jpg"]
+    assert g.others[0].score == pytest.approx(0.95, abs=1e-5)
+    assert g.others[0].link == "cosine"
+    assert g.reason == "keep rule 'shortest-path'"
+    # every member of every group is directly linked to the kept one
+    groups = find_groups(store, 0.94, keep="largest")
+    assert all(m.score >= 0.94 for g in groups for m in g.members)
     assert find_groups(store, 0.96) == []
 
 
@@ -145,7 +148,7 @@ def test_largest_breaks_pixel_ties_by_bytes_then_path(tmp_path, basis):
         ("c.jpg", a, {"size": 900}),
         ("a.jpg", a, {"size": 100}),
     ]
-    (group,) = find_groups(make_store(tmp_path, items), 0.9)
+    (group,) = find_groups(make_store(tmp_path, items), 0.9, keep="largest")
     assert group.keep.path == "b.jpg"
 
 
@@ -179,14 +182,26 @@ def test_groups_to_dict_shape(tmp_path, basis):
         "groups": [
             {
                 "keep": "a.jpg",
+                "reason": "a collection file (uploads come last); "
+                "no member could be read: the largest file",
                 "members": [
-                    {"path": "a.jpg", "score": 1.0, "bytes": 2000, "width": 640, "height": 480},
                     {
+                        "id": groups[0].members[0].id,
+                        "path": "a.jpg",
+                        "score": 1.0,
+                        "bytes": 2000,
+                        "width": 640,
+                        "height": 480,
+                        "link": "kept",
+                    },
+                    {
+                        "id": groups[0].members[1].id,
                         "path": "b.jpg",
                         "score": pytest.approx(0.99, abs=1e-5),
                         "bytes": 700,
                         "width": 320,
                         "height": 240,
+                        "link": "cosine",
                     },
                 ],
             }
@@ -244,23 +259,29 @@ def flip(h: int, bits) -> int:
     return u - 2**64 if u >= 2**63 else u
 
 
-def test_close_phashes_join_photos_whose_cosine_is_low(tmp_path, basis):
+def test_close_phashes_join_photos_under_the_threshold_above_a_cosine_floor(tmp_path, basis):
     h = 0x1234_5678_9ABC_DEF0
     items = [
         ("a.jpg", basis[0], {"phash": h}),
-        ("b.jpg", basis[1], {"phash": flip(h, range(0, 60, 10))}),  # 6 bits away, cosine 0
-        ("c.jpg", basis[2], {"phash": flip(h, range(1, 24, 2))}),  # 12 bits away, 18 from b
+        ("b.jpg", near(basis[0], 0.87, 1), {"phash": flip(h, range(0, 60, 10))}),  # 6 bits
+        ("c.jpg", basis[2], {"phash": flip(h, range(1, 24, 2))}),  # 12 bits away, cosine 0
+        ("e.jpg", basis[4], {"phash": flip(h, range(0, 60, 20))}),  # 3 bits, cosine 0
         ("d.jpg", basis[3], {}),  # no pHash (an old row): cosine only
     ]
     store = make_store(tmp_path, items)
+    assert max(dedupe.PHASH_COS_FLOOR, 0.9 - dedupe.PHASH_BELOW) < 0.87 < 0.9
     (group,) = find_groups(store, 0.9, keep="shortest-path")
+    # e is 3 bits from a but the embedding calls it a different photo: pHash alone never joins
     assert [m.path for m in group.members] == ["a.jpg", "b.jpg"]
     assert [m.phash_distance for m in group.members] == [0, 6]
-    assert group.members[1].score == pytest.approx(0.0, abs=1e-6)  # still the cosine
+    assert group.members[1].score == pytest.approx(0.87, abs=1e-5)  # still the cosine
+    # the same pair under a threshold 0.05 higher: pHash alone is not enough so far below it
+    assert find_groups(store, 0.93, keep="shortest-path") == []
     assert group.members[1].to_dict()["phash_distance"] == 6
+    assert group.members[1].link == "phash"
     assert find_groups(store, 0.9, phash_max=None) == []  # cosine only
     assert find_groups(store, 0.9, phash_max=-1) == []
-    assert paths_of(find_groups(store, 0.9, phash_max=12)) == [["a.jpg", "b.jpg", "c.jpg"]]
+    assert paths_of(find_groups(store, 0.9, phash_max=12)) == [["a.jpg", "b.jpg"]]
     data = groups_to_dict(find_groups(store, 0.9), 0.9, PHASH_MAX)
     assert data["phash_max"] == PHASH_MAX and list(data) == ["threshold", "phash_max", "groups"]
     with pytest.raises(InvalidArgumentError, match="phash_max"):

@@ -26,6 +26,18 @@ measures it again (docs/dedupe.md gives the method, its validation and its limit
    where more than IMPOSTOR_RATE of the copies match a photo (among their nearest) that their
    original does not match at that score.
 
+Since v4 the default threshold comes first from the store's own nearest-neighbour impostors
+(``nn_impostor_threshold``), and steps 1-6 only where a store has too few of them:
+
+7. Impostors: a seeded sample of photos, each with its nearest other photo (exact copies left
+   out). Local features (``verification``) check each sampled photo and its neighbour against
+   their NEIGHBOURS_CHECKED nearest others: a photo with a verified near-duplicate, or whose
+   neighbour has one, is left out. The rest are photos whose nearest other photo is, nearly
+   always, a different photo: their nearest-neighbour scores are the impostor scores of this
+   collection, with this model. The threshold is their IMPOSTOR_QUANTILE quantile plus MARGIN
+   (the quantile is not the maximum because a few strong edits that local features cannot
+   verify remain in the sample, at its top; the margin covers the tail above the quantile).
+
 Imports TensorFlow (through the embedder); lookalike.index never does.
 """
 
@@ -40,16 +52,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from .errors import ImageError
-from .images import decode, read_file
+from ..errors import ImageError
+from ..images import decode, read_file
 
 if TYPE_CHECKING:
-    from .encoder.embed import Embedder
-    from .store import Store
+    from ..encoder.embed import Embedder
+    from ..store import Store
 
 log = logging.getLogger(__name__)
 
-METHOD = "edited-copies-v3"  # v2: the bootstrap of step 5; v3: the impostor floor of step 6
+METHOD = "nn-impostors-v4"  # v2: bootstrap (5); v3: impostor floor (6); v4: nn impostors (7)
 TARGET_PRECISION = 0.95  # the pair precision the default threshold is meant to reach
 # What the estimate above is asked for. It is optimistic: real edits are often harder than the
 # copies, connected components chain pairs, and photos that merely look alike to the model
@@ -79,6 +91,19 @@ IMPOSTOR_RATE = 0.01
 # collection full of near-duplicates, a copy also matches its original's other copies, which
 # the floor would count as impostors (on intel_neardup it raised 0.9725 to 0.985).
 MIN_EVIDENCE = 20
+# Step 7 (docs/dedupe.md has the measurements on intel_neardup, intel_scenes, the demo set and
+# Fashion-MNIST)
+IMPOSTOR_SAMPLE = 400  # photos whose nearest neighbour is looked at
+NEIGHBOURS_CHECKED = 3  # nearest others verified for each photo (cosine >= VERIFY_FLOOR)
+VERIFY_FLOOR = 0.5
+# a few near-duplicates that local features cannot verify (strong edits) stay in the impostor
+# sample (about 3 % on intel_neardup, all at the top): a lower quantile with a wider margin is
+# robust to them. The margin was set on intel_neardup (0.12 let one distractor in at cosine
+# 0.795; 0.15 none) and checked on intel_scenes, the demo set and Fashion-MNIST (docs/dedupe.md)
+IMPOSTOR_QUANTILE = 0.9
+MARGIN = 0.15
+MIN_IMPOSTORS = 30  # fewer impostor scores than this: steps 1-6 decide
+LOWEST = 0.6  # never below this cosine, whatever the impostors say
 
 
 @dataclass(frozen=True)
@@ -99,6 +124,8 @@ class Calibration:
     seconds: float
     point_threshold: float | None = None  # steps 1-4 on the full samples, before resampling
     impostor_floor: float | None = None  # step 6: the threshold is never below it
+    impostors: int | None = None  # step 7: impostor scores found
+    impostor_quantile: float | None = None  # step 7: their IMPOSTOR_QUANTILE quantile
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -302,6 +329,75 @@ def resampled_threshold(
     return t, facts
 
 
+def _nearest(store: Store, ids: np.ndarray, k: int) -> dict[int, list[tuple[int, float]]]:
+    """Each id's k nearest other photos (id, cosine), exact copies left out."""
+    index = store.index
+    scores, found = index.search(index.reconstruct(ids), min(k + 1, len(index)))
+    records = store.db.get_many({int(i) for i in found.ravel() if i >= 0} | set(ids.tolist()))
+    out = {}
+    for own, srow, frow in zip(ids.tolist(), scores.tolist(), found.tolist()):
+        sha = records[own].sha256 if own in records else None
+        out[own] = [
+            (j, s)
+            for s, j in zip(srow, frow)
+            if j >= 0 and j != own and j in records and records[j].sha256 != sha
+        ][:k]
+    return out
+
+
+def nn_impostor_threshold(
+    store: Store, ids: np.ndarray, verify_pairs
+) -> tuple[float | None, dict[str, Any]]:
+    """Step 7: (threshold, facts), threshold None when fewer than MIN_IMPOSTORS impostor
+    scores were found. verify_pairs(pairs) -> {pair: verified?}."""
+    near = _nearest(store, ids, NEIGHBOURS_CHECKED)
+    firsts = np.array(sorted({n[0][0] for n in near.values() if n} - set(near)), np.int64)
+    if len(firsts):
+        near |= _nearest(store, firsts, NEIGHBOURS_CHECKED)
+    pairs = {(min(a, j), max(a, j)) for a, ns in near.items() for j, s in ns if s >= VERIFY_FLOOR}
+    verified = verify_pairs(sorted(pairs))
+    has_dup = {i for p, ok in verified.items() if ok for i in p}
+    scores = [
+        near[i][0][1]
+        for i in ids.tolist()
+        if near.get(i) and i not in has_dup and near[i][0][0] not in has_dup
+    ]
+    facts: dict[str, Any] = {"impostors": len(scores)}
+    if len(scores) < MIN_IMPOSTORS:
+        return None, facts
+    q = float(np.quantile(scores, IMPOSTOR_QUANTILE))
+    facts["impostor_quantile"] = q
+    return float(np.clip(q + MARGIN, LOWEST, GRID[0])), facts
+
+
+def _verify_with_features(store: Store):
+    from .verification import MIN_MATCHES, Verifier
+
+    verifier = Verifier(store)
+    return lambda pairs: {p: n >= MIN_MATCHES for p, n in verifier.count(pairs).items()}
+
+
+def _copies_threshold(
+    store, ids, copies, to_copy, to_original, pick_pairs, rng, target=ESTIMATE_TARGET
+):
+    """Steps 1-6: (threshold, facts) from edited copies and the pairs of the store."""
+    if len(copies) == 0 or len(ids) < 2:
+        from .grouping import FALLBACK_THRESHOLD
+
+        log.warning("calibration found no usable photos; using %.3f", FALLBACK_THRESHOLD)
+        return FALLBACK_THRESHOLD, {}
+    neighbours = neighbour_scores(store, pick_pairs, min(NEIGHBOURS, len(ids) - 1))
+    threshold, facts = resampled_threshold(copies, neighbours, len(ids), rng, target)
+    floor = impostor_floor(to_copy, to_original)
+    facts["impostor_floor"] = floor
+    evidence = int((neighbours >= threshold).sum())  # sampled pair scores it rests on
+    if floor is not None and floor > threshold and evidence < MIN_EVIDENCE:
+        threshold = floor
+        recall, precision, _, _ = _estimate(copies, neighbours, len(ids))
+        facts.update(expected_precision=precision(threshold), copy_recall=recall(threshold))
+    return threshold, facts
+
+
 def calibrate(
     store: Store,
     embedder: Embedder | None = None,
@@ -310,30 +406,28 @@ def calibrate(
     target: float = ESTIMATE_TARGET,
     copy_sample: int = COPY_SAMPLE,
     pair_sample: int = PAIR_SAMPLE,
+    verify=None,
 ) -> Calibration:
     """Measure the store's threshold; needs a trained, indexed store (nothing is saved)."""
     started = time.perf_counter()
-    embedder = embedder or store.load_embedder()
     ids = np.fromiter((r[0] for r in store.db.conn.execute("SELECT id FROM images")), np.int64)
     rng = np.random.default_rng(seed)
-    pick_copies = np.sort(rng.choice(ids, min(copy_sample, len(ids)), replace=False))
-    pick_pairs = np.sort(rng.choice(ids, min(pair_sample, len(ids)), replace=False))
-    copies, to_copy, to_original = copy_scores(store, embedder, pick_copies, rng)
-    if len(copies) == 0 or len(ids) < 2:
-        from .index.dedupe import FALLBACK_THRESHOLD
-
-        threshold, facts = FALLBACK_THRESHOLD, {}
-        log.warning("calibration found no usable photos; using %.3f", threshold)
-    else:
-        neighbours = neighbour_scores(store, pick_pairs, min(NEIGHBOURS, len(ids) - 1))
-        threshold, facts = resampled_threshold(copies, neighbours, len(ids), rng, target)
-        floor = impostor_floor(to_copy, to_original)
-        facts["impostor_floor"] = floor
-        evidence = int((neighbours >= threshold).sum())  # sampled pair scores it rests on
-        if floor is not None and floor > threshold and evidence < MIN_EVIDENCE:
-            threshold = floor
-            recall, precision, _, _ = _estimate(copies, neighbours, len(ids))
-            facts.update(expected_precision=precision(threshold), copy_recall=recall(threshold))
+    facts: dict[str, Any] = {}
+    threshold = None
+    if len(ids) >= 2:
+        pick = np.sort(rng.choice(ids, min(IMPOSTOR_SAMPLE, len(ids)), replace=False))
+        threshold, facts = nn_impostor_threshold(
+            store, pick, verify or _verify_with_features(store)
+        )
+    copies, pick_pairs = np.zeros(0), np.zeros(0)
+    if threshold is None:  # too few impostors: steps 1-6
+        embedder = embedder or store.load_embedder()
+        pick_copies = np.sort(rng.choice(ids, min(copy_sample, len(ids)), replace=False))
+        pick_pairs = np.sort(rng.choice(ids, min(pair_sample, len(ids)), replace=False))
+        copies, to_copy, to_original = copy_scores(store, embedder, pick_copies, rng)
+        threshold = _copies_threshold(store, ids, copies, to_copy, to_original, pick_pairs, rng)
+        facts.update(threshold[1])
+        threshold = threshold[0]
     return Calibration(
         threshold=round(float(threshold), 4),
         model_serial=store.model_serial,
@@ -349,6 +443,8 @@ def calibrate(
         seconds=time.perf_counter() - started,
         point_threshold=facts.get("point_threshold"),
         impostor_floor=facts.get("impostor_floor"),
+        impostors=facts.get("impostors"),
+        impostor_quantile=facts.get("impostor_quantile"),
     )
 
 

@@ -1,16 +1,19 @@
-"""Near-duplicate groups of a store: pairs above a cosine threshold, joined into components.
+"""Near-duplicate groups of a store: every member linked directly to the kept photo.
 
-Pairs come from FAISS range searches over the store's own vectors, a chunk of queries at a
-time, and are merged at once by union-find: memory holds the ids, one chunk's results and the
-parent array, never an n x n matrix. Exact copies (same sha256) are always joined, and so are
-photos whose 64-bit pHashes (stored at indexing) differ in at most PHASH_MAX bits, found by a
-multi-index search over 16-bit bands (``hash_pairs``), never by comparing every pair. No
-TensorFlow here: grouping reads the vectors and hashes the store already has.
+Candidate pairs come from FAISS range searches over the store's own vectors (cosine >= the
+threshold), from exact copies (same sha256), from 64-bit pHashes within PHASH_MAX bits found by
+a multi-index search over 16-bit bands (``hash_pairs``) whose cosine is at least PHASH_COS_FLOOR,
+and from pairs that local features verify (``verification``). Groups are then built as stars,
+never as connected components: photos are taken in the keep rule's order (``keep``), and each
+photo not yet in a group becomes the kept photo of a new group with every photo not yet in a
+group that it has a candidate pair with. So a photo joins a group only on direct evidence
+against the photo that is kept: groups cannot drift through chains of links (A~B~C with A and C
+different), and the kept photo is the best of its group by the keep rule. No TensorFlow here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,17 +22,39 @@ import faiss
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from .keep import (
+    DEFAULT_KEEP,
+    check_policy,
+    measure,
+    original_key,
+    plain_key,
+    reason,
+)
 
 if TYPE_CHECKING:
+    from ..index.knn import KnnIndex
     from ..store import Store
-    from .knn import KnnIndex
 
 # Used when a store has no calibrated threshold for its current model (lookalike.calibrate sets
 # one at every training; `lookalike dedupe` measures one when it is missing). It is the lowest
 # threshold with pair precision >= 0.95 on intel_neardup for the default model, measured with
 # the labels by scripts/bench_dedupe.py (docs/dedupe.md): a cautious value for any model.
 FALLBACK_THRESHOLD = 0.925
-KEEP_POLICIES = ("largest", "smallest", "oldest", "newest", "shortest-path")
+# pHash alone joins nothing the embedding calls different: a pHash pair also needs this cosine,
+# or the store's calibrated impostor score where that is higher (phash_floor; docs/dedupe.md:
+# on the demo set two different beach photos are 8 bits apart at cosine 0.848, under its
+# impostor score 0.936)
+PHASH_COS_FLOOR = 0.7
+# ... and at most this far under the cosine threshold: on 300 Fashion-MNIST photos (28 px, grey)
+# different products of a class are 2-10 bits apart at cosine 0.82-0.87, threshold 0.97
+PHASH_BELOW = 0.05
+# A cosine link less than BAND above the threshold needs a second witness: a pHash within
+# WITNESS_PHASH bits or verified local features (docs/dedupe.md: on 252 intel_scenes photos,
+# all different, the two pairs above the calibrated 0.792 scored 0.800 and 0.798, pHash 24 and
+# 32 bits apart, no features verified)
+BAND = 0.05
+WITNESS_PHASH = 16
+EXACT_ALL_PAIRS = 50  # a set of more identical files is joined as a star around its first
 QUERY_CHUNK = 4096  # range-search queries per FAISS call: bounds the memory of one call
 # faiss computes exact inner products with BLAS only for at least this many queries; its
 # default here (128000) sends dedupe-sized chunks through a scalar loop ~2.5x slower
@@ -46,36 +71,46 @@ _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(
 
 @dataclass(frozen=True)
 class Member:
-    """One image of a group; score is its cosine similarity to the group's kept image."""
+    """One image of a group and the evidence that put it there (against the kept image)."""
 
     id: int
     path: str  # relative to PHOTOS ('@uploads/...' for uploads)
-    score: float
+    score: float  # cosine similarity to the kept image
     bytes: int
     width: int
     height: int
     mtime: float
     phash_distance: int | None = None  # pHash bits differing from the kept one; None: unknown
+    link: str = "kept"  # kept, or what joined it: exact, cosine, phash, verified
+    matches: int | None = None  # local-feature matches verified against the kept one
+    quality: dict[str, Any] | None = None  # the keep rule's facts (keep.Quality.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
+            "id": self.id,
             "path": self.path,
             "score": round(self.score, 6),
             "bytes": self.bytes,
             "width": self.width,
             "height": self.height,
+            "link": self.link,
         }
         if self.phash_distance is not None:
             out["phash_distance"] = self.phash_distance
+        if self.matches is not None:
+            out["matches"] = self.matches
+        if self.quality is not None:
+            out["quality"] = self.quality
         return out
 
 
 @dataclass(frozen=True)
 class Group:
-    """Near-duplicates: the one to keep, and every member (the kept one first)."""
+    """Near-duplicates: the one to keep, every member (the kept one first), and why."""
 
     keep: Member
     members: list[Member]
+    reason: str = ""  # why the kept one was kept
 
     @property
     def others(self) -> list[Member]:
@@ -95,6 +130,14 @@ def default_threshold(store: Store) -> float:
     """The store's calibrated threshold for its current model, else FALLBACK_THRESHOLD."""
     t = calibrated_threshold(store)
     return FALLBACK_THRESHOLD if t is None else t
+
+
+def phash_floor(store: Store) -> float:
+    """The cosine a pHash pair needs: PHASH_COS_FLOOR, or the nearest-neighbour impostor score
+    the calibration measured for the store's model where that is higher."""
+    cal = store.info.get("dedupe_calibration") or {}
+    q = cal.get("impostor_quantile") if cal.get("model_serial") == store.model_serial else None
+    return max(PHASH_COS_FLOOR, float(q)) if q is not None else PHASH_COS_FLOOR
 
 
 def check_threshold(threshold: float) -> float:
@@ -313,45 +356,43 @@ def _locked(store: Store) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield chunk
 
 
-def _keep_key(policy: str):
-    if policy == "largest":
-        return lambda m: (-(m.width * m.height), -m.bytes, m.path)
-    if policy == "smallest":
-        return lambda m: (m.width * m.height, m.bytes, m.path)
-    if policy == "oldest":
-        return lambda m: (m.mtime, m.path)
-    if policy == "newest":
-        return lambda m: (-m.mtime, m.path)
-    if policy == "shortest-path":
-        return lambda m: (len(m.path), m.path)
-    raise InvalidArgumentError(f"keep must be one of {', '.join(KEEP_POLICIES)}; got {policy!r}")
+def _cosine_pairs(store: Store, threshold: float) -> set[tuple[int, int]]:
+    """Every pair (a < b) of stored photos with cosine >= threshold."""
+    index = store.index
+    pairs: set[tuple[int, int]] = set()
+    for chunk_ids, vecs in _locked(store):
+        chunk_ids = np.asarray(chunk_ids, dtype=np.int64)
+        for start in range(0, len(chunk_ids), QUERY_CHUNK):
+            stop = start + QUERY_CHUNK
+            with store.lock:
+                a, b = similar_pairs(index, chunk_ids[start:stop], vecs[start:stop], threshold)
+            pairs.update(zip(a.tolist(), b.tolist()))
+    return pairs
 
 
-def find_groups(
+def _exact_pairs(copies: list[list[int]]) -> set[tuple[int, int]]:
+    """Pairs of files with the same bytes: every pair of a small set, a star of a big one."""
+    out: set[tuple[int, int]] = set()
+    for ids in copies:
+        ids = sorted(ids)
+        heads = ids if len(ids) <= EXACT_ALL_PAIRS else ids[:1]
+        out.update((a, b) for a in heads for b in ids if a < b)
+    return out
+
+
+def candidate_pairs(
     store: Store,
-    threshold: float | None = None,
-    keep: str = "largest",
-    phash_max: int | None = PHASH_MAX,
-) -> list[Group]:
-    """Groups of near-duplicate images in the store, in a deterministic order.
-
-    Pairs with cosine >= threshold (default: default_threshold(store)), pairs whose pHashes
-    differ in at most phash_max bits (None or negative: cosine only; rows without a pHash take
-    no part) and exact copies are joined into connected components. keep picks the member to
-    keep: largest (pixels, then bytes), smallest, oldest or newest (mtime), shortest-path; ties
-    go to the smaller path. Groups are sorted by their smallest path; members list the kept one
-    first, then by path.
-    """
-    key = _keep_key(keep)
-    t = default_threshold(store) if threshold is None else check_threshold(threshold)
-    phash_max = check_phash_max(phash_max)
-    # the store's lock is taken a chunk at a time, so searches go on while a large store is
-    # grouped; rows removed meanwhile are left out, rows added meanwhile wait for the next run
+    threshold: float,
+    phash_max: int | None,
+    verify: Callable | None = None,
+    band: float = 0.0,
+) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], int]]:
+    """(pairs (a < b) the evidence joins, each with its strongest link: exact, cosine, verified
+    or phash (module docstring); the local-feature matches of the verified pairs).
+    verify(store, threshold) returns {pair: matches} of the pairs it verified."""
     with store.lock:
         store.refresh()  # another process may have changed the store since it was loaded
-        index = store.index
         conn = store.db.conn
-        ids = np.fromiter((r[0] for r in conn.execute("SELECT id FROM images")), np.int64)
         copies = [
             [int(i) for i in row[0].split(",")]
             for row in conn.execute(
@@ -359,50 +400,153 @@ def find_groups(
             )
         ]
         hash_ids, hashes = store.db.phashes() if phash_max is not None else ([], [])
-    links = []
+    links: dict[tuple[int, int], str] = {}
     if phash_max is not None and len(hash_ids) > 1:
         a, b = hash_links(hashes, phash_max)
-        links = [(hash_ids[a], hash_ids[b])]
-    components = group_ids(index, ids, _locked(store), t, copies, lock=store.lock, links=links)
+        x, y = hash_ids[a], hash_ids[b]
+        pairs = set(zip(np.minimum(x, y).tolist(), np.maximum(x, y).tolist()))
+        floor = max(phash_floor(store), threshold - PHASH_BELOW)
+        links.update(dict.fromkeys(_above(store, pairs, floor), "phash"))
+    verified = verify(store, threshold + band) if verify is not None else {}
+    links.update(dict.fromkeys(verified, "verified"))
+    links.update(dict.fromkeys(_cosine_pairs(store, threshold), "cosine"))
+    links.update(dict.fromkeys(_exact_pairs(copies), "exact"))
+    return links, dict(verified)
+
+
+def _above(store: Store, pairs: set[tuple[int, int]], floor: float) -> list[tuple[int, int]]:
+    """The pairs whose cosine is at least floor."""
+    if not pairs:
+        return []
+    pairs_list = sorted(pairs)
+    a = np.array([p[0] for p in pairs_list], np.int64)
+    b = np.array([p[1] for p in pairs_list], np.int64)
     with store.lock:
-        records = store.db.get_many([i for comp in components for i in comp])
-        components = [[i for i in comp if i in records] for comp in components]
-        components = [c for c in components if len(c) > 1]
-        grouped = np.array([i for comp in components for i in comp], dtype=np.int64)
-        vectors = dict(zip(grouped.tolist(), index.reconstruct(grouped)))
+        cos = np.einsum("nd,nd->n", store.index.reconstruct(a), store.index.reconstruct(b))
+    keep = cos >= floor
+    return list(zip(a[keep].tolist(), b[keep].tolist()))
+
+
+def find_groups(
+    store: Store,
+    threshold: float | None = None,
+    keep: str = DEFAULT_KEEP,
+    phash_max: int | None = PHASH_MAX,
+    verify: Callable | None = None,
+    band: float = 0.0,
+) -> list[Group]:
+    """Groups of near-duplicate images in the store, in a deterministic order.
+
+    Candidate pairs (``candidate_pairs``: cosine >= threshold, default default_threshold(store);
+    pHash within phash_max bits with cosine >= PHASH_COS_FLOOR, None or negative: off; exact
+    copies; pairs verify returns) are assembled into stars around the photos the keep rule
+    ranks first (module docstring); pairs a reviewer marked "not duplicates" are left out, and
+    a photo a reviewer chose to keep comes first. A cosine link under threshold + band needs a
+    second witness (BAND; the callers use it at the calibrated default threshold, not at one a
+    user gives). Groups are sorted by their smallest path;
+    members list the kept one first, then by path.
+    """
+    from .review import reviewed
+
+    check_policy(keep)
+    t = default_threshold(store) if threshold is None else check_threshold(threshold)
+    phash_max = check_phash_max(phash_max)
+    links, matches = candidate_pairs(store, t, phash_max, verify, band)
+    apart, preferred = reviewed(store)
+    links = {p: kind for p, kind in links.items() if p not in apart}
+    nodes = sorted({i for p in links for i in p})
+    with store.lock:
+        records = store.db.get_many(nodes)
+        nodes = [i for i in nodes if i in records]
+        vectors = dict(zip(nodes, store.index.reconstruct(np.array(nodes, np.int64))))
+    quality = (
+        {i: measure(store.file_path(records[i].path)) for i in nodes}
+        if keep == DEFAULT_KEEP
+        else {}
+    )
+    links = {
+        p: kind
+        for p, kind in links.items()
+        if p[0] in vectors
+        and p[1] in vectors
+        and _witnessed(p, kind, t + band, vectors, records, matches)
+    }
+    adjacent: dict[int, list[int]] = {i: [] for i in nodes}
+    for a, b in links:
+        if a in adjacent and b in adjacent:
+            adjacent[a].append(b)
+            adjacent[b].append(a)
+    rank = _rank(keep, records, quality, preferred)
+    taken: set[int] = set()
     groups = []
-    for comp in components:
-        plain = [
-            Member(
-                i,
-                records[i].path,
-                0.0,
-                records[i].size,
-                records[i].width,
-                records[i].height,
-                records[i].mtime,
-            )
-            for i in comp
-        ]
-        kept = min(plain, key=key)
-        ref = vectors[kept.id]
-        members = [
-            Member(
-                m.id,
-                m.path,
-                1.0 if m.id == kept.id else float(vectors[m.id] @ ref),
-                m.bytes,
-                m.width,
-                m.height,
-                m.mtime,
-                _hash_distance(records[m.id].phash, records[kept.id].phash),
-            )
-            for m in plain
-        ]
-        members.sort(key=lambda m: (m.id != kept.id, m.path))
-        groups.append(Group(members[0], members))
+    for center in sorted(nodes, key=rank):
+        if center in taken:
+            continue
+        joined = sorted(j for j in adjacent[center] if j not in taken)
+        if not joined:
+            continue
+        taken.update([center, *joined])
+        groups.append(
+            _group(center, joined, records, vectors, (links, matches), quality, keep, preferred)
+        )
     groups.sort(key=lambda g: min(m.path for m in g.members))
     return groups
+
+
+def _witnessed(pair, kind, band_top, vectors, records, matches) -> bool:
+    """False for a cosine link under band_top (in the band above the threshold) without a
+    second witness."""
+    a, b = pair
+    if kind != "cosine" or float(vectors[a] @ vectors[b]) >= band_top:
+        return True
+    from .verification import MIN_MATCHES
+
+    dist = _hash_distance(records[a].phash, records[b].phash)
+    return matches.get(pair, 0) >= MIN_MATCHES or (dist is not None and dist <= WITNESS_PHASH)
+
+
+def _rank(keep: str, records: dict, quality: dict, preferred: set[int]) -> Callable[[int], tuple]:
+    """Sort key of ids: a reviewer's choice first, then the keep rule's order."""
+    if keep == DEFAULT_KEEP:
+        return lambda i: (
+            i not in preferred,
+            original_key(records[i].path, quality.get(i), records[i].size),
+        )
+    key = plain_key(keep)
+    return lambda i: (i not in preferred, key(_plain(records[i])))
+
+
+def _plain(rec: Any) -> Member:
+    return Member(rec.id, rec.path, 0.0, rec.size, rec.width, rec.height, rec.mtime)
+
+
+def _group(center, joined, records, vectors, links, quality, keep, preferred) -> Group:
+    """The Group of a kept id and the ids joined to it, with the evidence of each."""
+    ref = vectors[center]
+    links, matches = links
+    members = []
+    for i in [center, *joined]:
+        rec, q = records[i], quality.get(i)
+        pair = (min(i, center), max(i, center))
+        kind = "kept" if i == center else links[pair]
+        members.append(
+            Member(
+                i,
+                rec.path,
+                1.0 if i == center else float(vectors[i] @ ref),
+                rec.size,
+                rec.width,
+                rec.height,
+                rec.mtime,
+                _hash_distance(rec.phash, records[center].phash),
+                kind,
+                matches.get(pair) if i != center else None,
+                q.to_dict() if q is not None else None,
+            )
+        )
+    members.sort(key=lambda m: (m.id != center, m.path))
+    why = "chosen in review" if center in preferred else reason(keep, members[0], quality)
+    return Group(members[0], members, why)
 
 
 def _hash_distance(a: int | None, b: int | None) -> int | None:
@@ -414,12 +558,14 @@ def groups_to_dict(
     groups: list[Group], threshold: float, phash_max: int | None = None
 ) -> dict[str, Any]:
     """The JSON of `lookalike dedupe --json` and GET /duplicates: threshold and groups (and
-    phash_max, the pHash distance that also joined photos, when given)."""
+    phash_max, the pHash distance that also joined photos, when given). Each group names the
+    kept photo and why; each member gives the link that put it in the group."""
     out: dict[str, Any] = {"threshold": round(float(threshold), 6)}
     if phash_max is not None:
         out["phash_max"] = phash_max
     out["groups"] = [
-        {"keep": g.keep.path, "members": [m.to_dict() for m in g.members]} for g in groups
+        {"keep": g.keep.path, "reason": g.reason, "members": [m.to_dict() for m in g.members]}
+        for g in groups
     ]
     return out
 
@@ -427,10 +573,20 @@ def groups_to_dict(
 def duplicates(
     store: Store,
     threshold: float | None = None,
-    keep: str = "largest",
+    keep: str = DEFAULT_KEEP,
     phash_max: int | None = PHASH_MAX,
+    offset: int = 0,
+    limit: int | None = None,
 ) -> dict:
-    """find_groups as the JSON-ready dict of GET /duplicates (threshold None: the default)."""
+    """find_groups as the JSON-ready dict of GET /duplicates (threshold None: the default);
+    groups[offset:offset + limit] only, with "total" the number of groups."""
     t = default_threshold(store) if threshold is None else check_threshold(threshold)
     phash_max = check_phash_max(phash_max)
-    return groups_to_dict(find_groups(store, t, keep, phash_max), t, phash_max)
+    from .verification import verified_pairs
+
+    band = BAND if threshold is None else 0.0
+    groups = find_groups(store, t, keep, phash_max, verified_pairs, band)
+    page = groups[offset : None if limit is None else offset + limit]
+    out = groups_to_dict(page, t, phash_max)
+    out.update(total=len(groups), offset=offset)
+    return out

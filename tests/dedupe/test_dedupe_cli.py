@@ -15,10 +15,10 @@ from conftest import copy_store, photo_name, write_photo
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
-from lookalike import dedupe_actions
 from lookalike.cli import app
-from lookalike.dedupe_actions import apply_actions, pending, plan_actions
-from lookalike.index.dedupe import find_groups
+from lookalike.dedupe import actions as dedupe_actions
+from lookalike.dedupe.actions import apply_actions, pending, plan_actions
+from lookalike.dedupe.grouping import find_groups
 from lookalike.store import Store
 
 runner = CliRunner()
@@ -117,13 +117,30 @@ def test_json_is_deterministic_and_has_the_issue_shape(dup_collection):
     assert set(first) == {"threshold", "phash_max", "groups"} and first["phash_max"] == 10
     assert len(first["groups"]) == len(planted)
     for g in first["groups"]:
-        assert set(g) == {"keep", "members"}
+        assert set(g) == {"keep", "reason", "members"} and g["reason"]
         assert g["members"][0]["path"] == g["keep"] and g["members"][0]["score"] == 1.0
+        assert g["members"][0]["link"] == "kept"
         for m in g["members"]:
-            assert set(m) == {"path", "score", "bytes", "width", "height", "phash_distance"}
+            assert {
+                "id",
+                "path",
+                "score",
+                "bytes",
+                "width",
+                "height",
+                "phash_distance",
+                "link",
+            } <= set(m)
+            assert set(m["quality"]) >= {"real_pixels", "detail", "jpeg_quality"}
             assert 0 <= m["phash_distance"] <= 64
             assert not Path(m["path"]).is_absolute()
         assert g["members"][0]["phash_distance"] == 0
+        assert all(m["link"] in ("exact", "cosine", "phash") for m in g["members"][1:])
+        exact = photo_name(4) in [m["path"] for m in g["members"]]
+        assert (g["members"][1]["link"] == "exact") == exact
+    # the original is kept over its half-size, re-encoded and cropped copies
+    keeps = {g["keep"] for g in first["groups"]}
+    assert {photo_name(0), photo_name(1), photo_name(7)} <= keeps
     by_keep = {g["keep"]: g for g in first["groups"]}
     assert by_keep[photo_name(0)]["members"][1]["width"] == 32  # the half-size copy
     assert by_keep[photo_name(0)]["members"][1]["score"] > first["threshold"]
@@ -180,6 +197,28 @@ def test_move_yes_moves_exactly_the_others_and_updates_the_store(collection, tmp
     assert not set(others) & set(states)
     assert json.loads(dedupe("--store", store, "--json").stdout)["groups"] == []
     assert not (store / dedupe_actions.JOURNAL).exists()
+
+
+def test_undo_puts_back_every_moved_file_and_its_row(collection, tmp_path):
+    photos, store, planted = collection
+    out = tmp_path / "moved"
+    before, states_before = tree(photos), store_state(store)[0]
+    groups_before = json.loads(dedupe("--store", store, "--json").stdout)["groups"]
+    moved = json.loads(dedupe("--store", store, "--move-to", out, "--yes", "--json").stdout)
+    moved = sorted(f["path"] for f in moved["applied"]["files"] if f["status"] == "moved")
+    assert len(moved) == len(planted) and tree(photos) != before
+    result = json.loads(dedupe("--store", store, "--undo", "--json").stdout)
+    assert sorted(result["restored"]) == moved and result["failed"] == []
+    assert result["rows"] == len(planted)
+    assert tree(photos) == before and tree(out) == {}
+    states, count, _ = store_state(store)
+    assert set(states) == set(states_before) and count == len(states)
+    groups = json.loads(dedupe("--store", store, "--json").stdout)["groups"]
+    assert [[m["path"] for m in g["members"]] for g in groups] == [
+        [m["path"] for m in g["members"]] for g in groups_before
+    ]
+    again = dedupe("--store", store, "--undo", ok=False)  # nothing left to undo
+    assert again.exit_code != 0 and "no dedupe clean-up to undo" in again.output
 
 
 def test_delete_yes_deletes_the_others_only(collection):
@@ -348,7 +387,7 @@ def test_seeded_edits_are_reproducible():
 
     import numpy as np
 
-    from lookalike.calibrate import edited_copies
+    from lookalike.dedupe.calibration import edited_copies
 
     buf = io.BytesIO()
     Image.new("RGB", (80, 60), (120, 30, 200)).save(buf, "PNG")
@@ -360,7 +399,7 @@ def test_seeded_edits_are_reproducible():
 def test_threshold_separates_duplicates_from_the_rest():
     import numpy as np
 
-    from lookalike.calibrate import choose_threshold
+    from lookalike.dedupe.calibration import choose_threshold
 
     rng = np.random.default_rng(0)
     copies = rng.uniform(0.9, 1.0, 400)  # edited copies score 0.9-1
@@ -381,7 +420,7 @@ def test_threshold_separates_duplicates_from_the_rest():
 def test_resampling_keeps_the_threshold_at_or_above_the_point_estimate():
     import numpy as np
 
-    from lookalike.calibrate import choose_threshold, resampled_threshold
+    from lookalike.dedupe.calibration import choose_threshold, resampled_threshold
 
     rng = np.random.default_rng(1)
     copies = rng.uniform(0.8, 1.0, 300)
@@ -398,7 +437,7 @@ def test_resampling_keeps_the_threshold_at_or_above_the_point_estimate():
 def test_impostor_floor_stops_where_copies_match_what_their_original_does_not():
     import numpy as np
 
-    from lookalike.calibrate import impostor_floor
+    from lookalike.dedupe.calibration import impostor_floor
 
     n = 200
     to_copy = np.full((n, 3), 0.3, np.float32)
@@ -413,8 +452,8 @@ def test_impostor_floor_stops_where_copies_match_what_their_original_does_not():
 
 
 def test_against_finds_a_file_by_its_phash(dup_collection, tmp_path):
+    from lookalike.dedupe.incoming import find_known
     from lookalike.engine import Engine
-    from lookalike.incoming import find_known
 
     photos, store, _ = dup_collection
     incoming = tmp_path / "incoming"

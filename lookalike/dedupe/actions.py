@@ -15,28 +15,38 @@ Safety, in order:
   finds a destination with the file's sha256 treats the move as done.
 - The store is updated (rows and index) after the files, in batches; until then it still opens
   and lists the moved rows, which the resumed run removes.
+- Undo: the journal also holds each acted-on row (its facts and embedding); a finished run is
+  kept as STORE/dedupe-done/<time>.json with where each file went. ``undo`` moves every moved
+  file of the last run back to its place (never over another file) and puts its row back in
+  the store; a deleted file cannot come back (deletes are refused unless asked for).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError
-from .index.dedupe import Group
-from .store import UPLOAD_PREFIX, Store, write_json_atomic
+import numpy as np
+
+from ..errors import InvalidArgumentError
+from ..index.meta import ImageRecord
+from ..store import UPLOAD_PREFIX, Store, write_json_atomic
+from .grouping import Group
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "dedupe-journal.json"
+DONE = "dedupe-done"  # finished runs, one JSON file each, for undo
 STORE_BATCH = 500  # files acted on between two store updates
 MAX_SUFFIX = 10_000
 
@@ -157,6 +167,25 @@ def pending(store: Store) -> list[Action]:
 
 
 def resume(store: Store) -> ActionReport | None:
+    """Finish an interrupted run, if there is one (holding the store's writer lock)."""
+    with store.writing():
+        return _resume(store)
+
+
+def apply_actions(store: Store, actions: list[Action]) -> ActionReport:
+    """Move or delete the files of a plan, journalled, and remove them from the store; the
+    whole run holds the store's writer lock, so no index run sees it half done."""
+    with store.writing():
+        return _apply_actions(store, actions)
+
+
+def undo(store: Store) -> UndoReport:
+    """Put back every moved file of the last finished run and its row (writer lock held)."""
+    with store.writing():
+        return _undo(store)
+
+
+def _resume(store: Store) -> ActionReport | None:
     """Finish an interrupted run, if there is one."""
     actions = pending(store)
     if not actions:
@@ -166,7 +195,7 @@ def resume(store: Store) -> ActionReport | None:
     return _run(store, actions)
 
 
-def apply_actions(store: Store, actions: list[Action]) -> ActionReport:
+def _apply_actions(store: Store, actions: list[Action]) -> ActionReport:
     """Move or delete the files of a plan, journalled, and remove them from the store."""
     if journal_path(store).exists():
         raise InvalidArgumentError(
@@ -174,8 +203,23 @@ def apply_actions(store: Store, actions: list[Action]) -> ActionReport:
         )
     if not actions:
         return ActionReport()
-    write_json_atomic(journal_path(store), {"version": 1, "actions": [asdict(a) for a in actions]})
+    journal = {"version": 2, "actions": [asdict(a) for a in actions], "rows": _rows(store, actions)}
+    write_json_atomic(journal_path(store), journal)
     return _run(store, actions)
+
+
+def _rows(store: Store, actions: list[Action]) -> list[dict[str, Any]]:
+    """The store rows of the actions (facts and embedding) as JSON, so undo can restore them."""
+    with store.lock:
+        records = store.db.get_many([a.id for a in actions])
+        ids = np.array(sorted(records), dtype=np.int64)
+        vectors = store.index.reconstruct(ids) if len(ids) else []
+    return [
+        asdict(records[int(i)])
+        | {"vector": base64.b64encode(np.asarray(v, "<f4").tobytes()).decode("ascii")}
+        | {"model": store.model_serial}
+        for i, v in zip(ids.tolist(), vectors)
+    ]
 
 
 def _run(store: Store, actions: list[Action]) -> ActionReport:
@@ -194,8 +238,121 @@ def _run(store: Store, actions: list[Action]) -> ActionReport:
             batch = []
     if batch:
         report.removed += store.remove_images(batch)
-    journal_path(store).unlink(missing_ok=True)
+    _finish(store, report)
     return report
+
+
+def _finish(store: Store, report: ActionReport) -> None:
+    """Keep the finished run (journal plus outcomes) under DONE for undo; drop the journal."""
+    path = journal_path(store)
+    data = json.loads(path.read_text()) if path.exists() else {"actions": [], "rows": []}
+    data["outcomes"] = [o.to_dict() for o in report.outcomes]
+    data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    done = store.root / DONE
+    done.mkdir(exist_ok=True)
+    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}.json"
+    write_json_atomic(done / name, data)
+    path.unlink(missing_ok=True)
+
+
+def last_run(store: Store) -> Path | None:
+    """The record of the last finished run that was not undone, or None."""
+    done = store.root / DONE
+    runs = sorted(done.glob("*.json")) if done.is_dir() else []
+    return runs[-1] if runs else None
+
+
+@dataclass
+class UndoReport:
+    """What undo did: files put back, files it could not put back (with why), rows restored."""
+
+    restored: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    rows: int = 0
+    record: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "restored": self.restored,
+            "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "rows": self.rows,
+            "record": self.record,
+        }
+
+
+def _undo(store: Store) -> UndoReport:
+    """Put back every moved file of the last finished run and its row in the store."""
+    if journal_path(store).exists():
+        raise InvalidArgumentError("an interrupted dedupe run is pending; finish it first (--yes)")
+    path = last_run(store)
+    if path is None:
+        raise InvalidArgumentError("no dedupe clean-up to undo")
+    data = json.loads(path.read_text())
+    rows = {r["path"]: r for r in data.get("rows", [])}
+    shas = {a["path"]: a["sha256"] for a in data["actions"]}
+    report = UndoReport(record=path.name)
+    back: list[dict[str, Any]] = []
+    for o in data.get("outcomes", []):
+        if o["status"] != "moved":
+            if o["status"] == "deleted":
+                report.failed.append((o["path"], "deleted: it cannot come back"))
+            continue
+        why = _put_back(store, o["path"], Path(o["to"]), shas[o["path"]])
+        if why:
+            report.failed.append((o["path"], why))
+        else:
+            report.restored.append(o["path"])
+            if o["path"] in rows:
+                back.append(rows[o["path"]])
+    report.rows = _restore_rows(store, back)
+    path.rename(path.with_suffix(".undone"))
+    return report
+
+
+def _put_back(store: Store, rel_path: str, moved: Path, sha: str) -> str | None:
+    """Move a file back to its place in the collection; a reason when it cannot."""
+    home = store.file_path(rel_path)
+    if os.path.lexists(home):
+        return "done already" if _is_same(home, sha) else f"{home} is taken by another file"
+    if not _is_same(moved, sha):
+        return f"{moved} is missing or changed"
+    home.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(moved, home)
+    except FileExistsError:
+        return f"{home} is taken by another file"
+    except OSError:
+        if not _copy_into(moved, home, sha):
+            return f"{home} is taken by another file"
+    _fsync_dir(home.parent)
+    moved.unlink()
+    return None
+
+
+def _restore_rows(store: Store, rows: list[dict[str, Any]]) -> int:
+    """Put rows back into the table and the index (those of the store's current model)."""
+    keep = [r for r in rows if r.get("model") == store.model_serial]
+    if not keep:
+        return 0
+    fields = set(ImageRecord.__dataclass_fields__)
+    with store.writing():
+        records = [
+            ImageRecord(
+                **{k: (tuple(v) if k == "labels" else v) for k, v in r.items() if k in fields}
+            )
+            for r in keep
+        ]
+        vectors = np.stack(
+            [np.frombuffer(base64.b64decode(r["vector"]), "<f4") for r in keep]
+        ).astype(np.float32)
+        ids = store.commit(  # table and index in one all-or-nothing change
+            lambda before: store.db.write(
+                zip(records, vectors), model=store.model_serial, before_commit=before
+            ),
+            lambda index, ids: index.add(vectors, np.array(ids, dtype=np.int64)),
+            lambda index, ids: index.remove(np.array(ids, dtype=np.int64)),
+        )
+    return len(ids)
 
 
 # -- one file ----------------------------------------------------------------------------------

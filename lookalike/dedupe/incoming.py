@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import StoreNotFoundError
-from .images import FailedImage, find_images, iter_batches, phash64
-from .index.dedupe import PHASH_MAX, check_phash_max, check_threshold, popcount
+from ..errors import StoreNotFoundError
+from ..images import FailedImage, find_images, iter_batches, phash64
+from .grouping import PHASH_MAX, check_phash_max, check_threshold, popcount
 
 if TYPE_CHECKING:
-    from .engine import Engine
-    from .store import Store
+    from ..engine import Engine
+    from ..store import Store
 
 MATCHES = 5  # near-duplicates listed per file at most
 
