@@ -47,6 +47,17 @@ class IndexType(str, Enum):
     ivf = "ivf"  # approximate search, recall measured when built
 
 
+class Keep(str, Enum):
+    """dedupe --keep: which photo of a group is kept (lookalike.dedupe.keep)."""
+
+    original = "original"  # most real detail; never an upload over a collection file
+    largest = "largest"
+    smallest = "smallest"
+    oldest = "oldest"
+    newest = "newest"
+    shortest_path = "shortest-path"
+
+
 # `index` phases as the summary line names them: stages of the progress callbacks -> phase
 PHASE_OF = {"decode": "train", "whitening": "train", "merge": "embed"}
 
@@ -506,12 +517,12 @@ def dedupe(
         Path | None, typer.Option("--html", help="Write a page of thumbnails to this file.")
     ] = None,
     keep: Annotated[
-        str,
+        Keep,
         typer.Option(
             help="Which to keep: original (most real detail; never an upload over a "
             "collection file), largest, smallest, oldest, newest, shortest-path."
         ),
-    ] = "original",
+    ] = Keep.original,
     move_to: Annotated[
         Path | None, typer.Option("--move-to", help="Move the others here (under their paths).")
     ] = None,
@@ -600,7 +611,7 @@ def dedupe(
         from .dedupe.verification import verified_pairs
 
         band = BAND if threshold is None else 0.0  # the calibrated default: a second witness
-        groups = find_groups(st, t, keep, phash, verified_pairs if verify else None, band)
+        groups = find_groups(st, t, keep.value, phash, verified_pairs if verify else None, band)
         if csv_file:
             write_csv(groups, csv_file)
         if html_file:

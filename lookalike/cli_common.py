@@ -49,6 +49,9 @@ def errors_to_exit():
         yield
     except LookalikeError as exc:
         fail(str(exc))
+    except OSError as exc:  # an unwritable report path, a full disk: the system's reason
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         err.print("interrupted; the store is consistent and the next run continues the work")
         raise typer.Exit(130) from None

@@ -278,3 +278,14 @@ def test_http_writes_get_503_with_retry_after_while_a_long_job_runs(store_copy):
             first = client.get("/health").json()["images"]
         assert client.post("/images", files={"file": ("a.png", data)}).status_code == 201
         assert client.get("/health").json()["images"] == first + 1
+
+
+def test_a_report_to_an_unwritable_path_is_one_line(tiny_store, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where a folder is needed: unwritable even for root
+    for flag in ("--csv", "--html"):
+        result = CliRunner().invoke(
+            app, ["dedupe", "--store", str(tiny_store), flag, str(blocker / "r.out")]
+        )
+        assert result.exit_code == 1, result.output
+        assert "error:" in result.output and "Traceback" not in result.output
