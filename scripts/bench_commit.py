@@ -30,10 +30,13 @@ def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def make_store(root: Path, n: int, dim: int, rng: np.random.Generator) -> Store:
-    """A store with n synthetic rows of model 1 and its flat index."""
+def make_store(
+    root: Path, n: int, dim: int, rng: np.random.Generator, index_type: str = "flat"
+) -> Store:
+    """A store with n synthetic rows of model 1 and its index (flat: exact, as below 200k)."""
     store = Store.open(root, create=True, photos=root)
-    store.update_state({"model_serial": 1, "embedding_dim": dim, "image_size": 64}, bump=True)
+    state = {"model_serial": 1, "embedding_dim": dim, "image_size": 64}
+    store.update_state({**state, "index_type_requested": index_type}, bump=True)
     for start in range(0, n, 10_000):
         m = min(10_000, n - start)
         rows = [
@@ -78,15 +81,18 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--index-type", default="flat", choices=["flat", "ivf", "auto"])
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        store = make_store(Path(tmp) / "s", args.vectors, args.dim, rng)
+        store = make_store(Path(tmp) / "s", args.vectors, args.dim, rng, args.index_type)
         out: dict[str, list[float]] = {"now": [], "old": []}
         offset = 0
         with store.writing():
-            for _ in range(args.repeats):
-                for name in ("now", "old"):
+            run(store, 5, args.batch, rng, False, offset)  # warm-up: caches, allocator
+            offset += 5 * args.batch
+            for r in range(args.repeats):
+                for name in ("now", "old") if r % 2 else ("old", "now"):
                     out[name].append(
                         run(store, args.batches, args.batch, rng, name == "old", offset)
                     )
@@ -95,6 +101,7 @@ def main() -> None:
     result = {
         "vectors": args.vectors,
         "batch": args.batch,
+        "index": store.info.get("index_type"),
         "load": os.getloadavg()[0],
         **{f"{k}_rows_per_s": [round(x) for x in v] for k, v in out.items()},
         **{f"{k}_median": round(statistics.median(v)) for k, v in out.items()},
