@@ -13,7 +13,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
 from .cli_common import (
     CONTEXT,
     JsonOpt,
@@ -28,6 +27,7 @@ from .cli_common import (
 )
 from .errors import LookalikeError
 from .evaluation.cli import eval_app  # no TensorFlow at import time
+from .version import __version__
 
 app = typer.Typer(
     help="Look-alike photo search and deduplication, trained on your own photos.",

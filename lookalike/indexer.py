@@ -67,13 +67,6 @@ class IndexReport:
         return out
 
 
-def _relative(path: Path, root: Path, store: Store) -> str:
-    """The table's path of a file: relative to PHOTOS, or UPLOAD_PREFIX + name for uploads."""
-    if path.parent == store.uploads_dir:
-        return UPLOAD_PREFIX + path.name
-    return path.relative_to(root).as_posix()
-
-
 def index_folder(
     photos: Path | str,
     store_path: Path | str,
@@ -159,7 +152,7 @@ def plan_changes(store: Store, photos: Path, files: list[Path], report: IndexRep
     todo: list[Path] = []
     kind: dict[str, str] = {}
     for path in files + uploads:
-        rel = _relative(path, photos, store)
+        rel = store.table_path(path, photos)
         seen.add(rel)
         state = states.get(rel)
         if state is None:
@@ -252,7 +245,7 @@ def check_removals(store: Store, photos: Path, files: list[Path], prune: bool) -
     states = store.db.file_states()
     if not states:
         return
-    seen = {_relative(p, photos, store) for p in files}
+    seen = {store.table_path(p, photos) for p in files}
     seen.update(s for s in states if s.startswith(UPLOAD_PREFIX))  # uploads stay
     gone = sum(1 for rel in states if rel not in seen)
     if gone and (gone == len(states) or 2 * gone > len(states)) and not prune:
@@ -345,10 +338,10 @@ def _embed_here(store, photos, plan, committer, cfg, options, progress):
         max_pixels=options.max_pixels,
         max_bytes=options.max_decode_bytes,
     ):
-        committer.fail(bad, [_relative(f.path, photos, store) for f in bad])
+        committer.fail(bad, [store.table_path(f.path, photos) for f in bad])
         keep = []
         for im in ok:
-            rel = _relative(im.path, photos, store)
+            rel = store.table_path(im.path, photos)
             st = os.stat(im.path)
             k = committer.triage(rel, im.sha256, st.st_mtime, im.nbytes)
             if k is not None:

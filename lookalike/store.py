@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 import filelock
 import numpy as np
 
-from . import __version__
 from .config import ModelConfig
 from .errors import (
     LookalikeError,
@@ -52,6 +51,7 @@ from .errors import (
 )
 from .index.knn import KnnIndex, ivf_params, resolve_index_type, tune_nprobe
 from .index.meta import MetaDB
+from .version import __version__
 
 if TYPE_CHECKING:
     from .encoder.runtime import PortableEmbedder
@@ -293,6 +293,12 @@ class Store:
     def photos_root(self) -> Path | None:
         root = self.info.get("photos_root")
         return Path(root) if root else None
+
+    def table_path(self, path: Path, photos: Path) -> str:
+        """The table's path of a file: relative to PHOTOS, or UPLOAD_PREFIX + name for uploads."""
+        if path.parent == self.uploads_dir:
+            return UPLOAD_PREFIX + path.name
+        return path.relative_to(photos).as_posix()
 
     def file_path(self, rel_path: str) -> Path:
         """Where an indexed image lives: uploads are under the store, others under PHOTOS."""

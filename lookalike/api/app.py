@@ -13,7 +13,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
 from ..config import Settings, get_settings
 from ..errors import (
     ImageError,
@@ -23,6 +22,7 @@ from ..errors import (
     StoreBusyError,
     StoreError,
 )
+from ..version import __version__
 from . import browse, dedupe, page, routes
 from .deps import Unauthorized
 

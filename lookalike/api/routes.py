@@ -13,10 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 
-from .. import __version__
 from ..engine import Engine, Hit
 from ..errors import NotFoundError
 from ..store import FORMAT_VERSION
+from ..version import __version__
 from .deps import EngineDep, require_api_key
 from .schemas import (
     AddResponse,

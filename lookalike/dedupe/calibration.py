@@ -382,7 +382,7 @@ def _copies_threshold(
 ):
     """Steps 1-6: (threshold, facts) from edited copies and the pairs of the store."""
     if len(copies) == 0 or len(ids) < 2:
-        from .grouping import FALLBACK_THRESHOLD
+        from .thresholds import FALLBACK_THRESHOLD
 
         log.warning("calibration found no usable photos; using %.3f", FALLBACK_THRESHOLD)
         return FALLBACK_THRESHOLD, {}

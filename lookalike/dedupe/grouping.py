@@ -30,21 +30,18 @@ from .keep import (
     plain_key,
     reason,
 )
+from .thresholds import (  # noqa: F401  (re-exported: the CLI, the API and tests use them)
+    FALLBACK_THRESHOLD,
+    PHASH_COS_FLOOR,
+    calibrated_threshold,
+    default_threshold,
+    phash_floor,
+)
 
 if TYPE_CHECKING:
     from ..index.knn import KnnIndex
     from ..store import Store
 
-# Used when a store has no calibrated threshold for its current model (lookalike.calibrate sets
-# one at every training; `lookalike dedupe` measures one when it is missing). It is the lowest
-# threshold with pair precision >= 0.95 on intel_neardup for the default model, measured with
-# the labels by scripts/bench_dedupe.py (docs/dedupe.md): a cautious value for any model.
-FALLBACK_THRESHOLD = 0.925
-# pHash alone joins nothing the embedding calls different: a pHash pair also needs this cosine,
-# or the store's calibrated impostor score where that is higher (phash_floor; docs/dedupe.md:
-# on the demo set two different beach photos are 8 bits apart at cosine 0.848, under its
-# impostor score 0.936)
-PHASH_COS_FLOOR = 0.7
 # ... and at most this far under the cosine threshold: on 300 Fashion-MNIST photos (28 px, grey)
 # different products of a class are 2-10 bits apart at cosine 0.82-0.87, threshold 0.97
 PHASH_BELOW = 0.05
@@ -116,28 +113,6 @@ class Group:
     def others(self) -> list[Member]:
         """The members that are not kept."""
         return [m for m in self.members if m.id != self.keep.id]
-
-
-def calibrated_threshold(store: Store) -> float | None:
-    """The threshold measured for the store's current model (lookalike.calibrate), or None."""
-    cal = store.info.get("dedupe_calibration") or {}
-    if "dedupe_threshold" in store.info and cal.get("model_serial") == store.model_serial:
-        return float(store.info["dedupe_threshold"])
-    return None
-
-
-def default_threshold(store: Store) -> float:
-    """The store's calibrated threshold for its current model, else FALLBACK_THRESHOLD."""
-    t = calibrated_threshold(store)
-    return FALLBACK_THRESHOLD if t is None else t
-
-
-def phash_floor(store: Store) -> float:
-    """The cosine a pHash pair needs: PHASH_COS_FLOOR, or the nearest-neighbour impostor score
-    the calibration measured for the store's model where that is higher."""
-    cal = store.info.get("dedupe_calibration") or {}
-    q = cal.get("impostor_quantile") if cal.get("model_serial") == store.model_serial else None
-    return max(PHASH_COS_FLOOR, float(q)) if q is not None else PHASH_COS_FLOOR
 
 
 def check_threshold(threshold: float) -> float:

@@ -127,7 +127,7 @@ def verified_pairs(
 ) -> dict[tuple[int, int], int]:
     """The candidate pairs under the threshold that local features verify, with their inliers:
     find_groups' ``verify``. Under the store's impostor score a pair needs STRICT_MATCHES."""
-    from .grouping import phash_floor
+    from .thresholds import phash_floor
 
     floor = phash_floor(store)
     scores = candidates(store, threshold)

@@ -194,15 +194,13 @@ def embed_on_ray(
     """Embed plan.todo on the cluster through shard files, then merge them into the table."""
     import ray
 
-    from ..indexer import _relative
-
     shards = ShardDir(store.root / "shards", store.model_serial, store.dim)
     # the files' current (size, mtime): a shard row counts only if its file is unchanged since
     current: dict[str, tuple[int, float]] = {}
     items: list[tuple[int, str, str]] = []
     covered = shards.covered()
     for pos, path in enumerate(plan.todo):
-        rel = _relative(path, photos, store)
+        rel = store.table_path(path, photos)
         try:
             st = path.stat()
             key = (st.st_size, st.st_mtime)
