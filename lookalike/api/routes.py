@@ -13,8 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 
-from ..engine import Engine, Hit
-from ..errors import NotFoundError
+from ..engine import Hit
 from ..store import FORMAT_VERSION
 from ..version import __version__
 from .deps import EngineDep, require_api_key
@@ -29,7 +28,7 @@ from .schemas import (
     Stats,
     SuggestResponse,
 )
-from .thumbnails import SIZES, cached_thumbnail, thumbnail_size
+from .thumbnails import SIZES, cached_thumbnail, stored_file, thumbnail_size
 
 router = APIRouter()
 ERRORS = {
@@ -80,20 +79,10 @@ def similar(engine: EngineDep, image_id: ImageId, k: K = 10):
     return SearchResponse(results=_results(hits), took_ms=(time.perf_counter() - started) * 1e3)
 
 
-def _record(engine: Engine, image_id: int):
-    record = engine.store.db.get(image_id)
-    if record is None:
-        raise NotFoundError(f"no image with id {image_id}")
-    path = engine.store.file_path(record.path)
-    if not path.is_file():
-        raise NotFoundError(f"image {image_id} ({record.path}) is no longer on disk")
-    return record, path
-
-
 @router.get("/images/{image_id}", responses=ERRORS, response_class=FileResponse, tags=["images"])
 def get_image(engine: EngineDep, image_id: ImageId):
     """The stored image file, as it is on disk."""
-    _, path = _record(engine, image_id)
+    _, path = stored_file(engine, image_id)
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(path, media_type=media_type)
 

@@ -38,7 +38,7 @@ def cached_thumbnail(engine, image_id: int, size: int) -> bytes:
     """
     if size not in SIZES:
         raise InvalidArgumentError(f"thumbnail size must be one of {SIZES}, got {size}")
-    record, path = _record(engine, image_id)
+    record, path = stored_file(engine, image_id)
     folder = engine.store.root / FOLDER
     stem = f"{image_id}-{record.sha256[:12]}-"
     cache = folder / f"{stem}{size}.jpg"
@@ -66,7 +66,8 @@ def cached_thumbnail(engine, image_id: int, size: int) -> bytes:
     return data
 
 
-def _record(engine, image_id: int):
+def stored_file(engine, image_id: int):
+    """(record, path) of a stored image whose file is on disk; NotFoundError otherwise."""
     record = engine.store.db.get(image_id)
     if record is None:
         raise NotFoundError(f"no image with id {image_id}")

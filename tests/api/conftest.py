@@ -159,15 +159,18 @@ def _stop(proc) -> None:
 
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
-    """serve(store, api_key=None) -> base URL of `python -m lookalike serve --store STORE` on a free
-    port, up and healthy; every server started is stopped at the end of the module."""
+    """serve(store, api_key=None, env=None) -> base URL of `python -m lookalike serve --store
+    STORE` on a free port (env: more variables), up and healthy; every server started is
+    stopped at the end of the module."""
     procs = []
 
-    def start(store: Path, api_key: str | None = None) -> str:
+    def start(store: Path, api_key: str | None = None, env: dict | None = None) -> str:
         port = free_port()
         log = tmp_path_factory.mktemp("serve") / "server.log"
+        extra = env or {}
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         env.pop("LOOKALIKE_API_KEY", None)
+        env.update(extra)
         if api_key:
             env["LOOKALIKE_API_KEY"] = api_key
         command = [sys.executable, "-m", "lookalike", "serve", "--store", str(store)]

@@ -1,79 +1,24 @@
 """The Duplicates review page in a real browser: headless Chromium, driven by Playwright,
 against a real `lookalike serve` subprocess on a copy of the tiny store with planted copies.
 
-Review, keep another, not duplicates, move the others, undo; behind an API key. Skipped, with
-the reason printed, when no Chromium is found, unless LOOKALIKE_REQUIRE_BROWSER=1.
+Review, keep another, not duplicates, move the others, undo; behind an API key. The browser and
+server fixtures are conftest's: skipped, with the reason printed, when no browser is found,
+unless LOOKALIKE_REQUIRE_BROWSER=1.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import copy_store, photo_name
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # needed as root (CI containers)
-    "--disable-gpu",
-    "--disable-background-networking",  # no calls to the outside
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TIMEOUT_MS = 90_000  # each action re-reads the groups: slow on a loaded 2-core machine
 KEY = "review-key"
 COPIED = (0, 1, 2)  # photos with an exact copy under dups/: three groups of two
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def find_chromium() -> str | None:
-    for name in CHROMIUM_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-@pytest.fixture
-def browser():
-    """Headless Chromium under Playwright (the system browser: no `playwright install`)."""
-    path = find_chromium()
-    need = os.environ.get("LOOKALIKE_REQUIRE_BROWSER") == "1"
-    if path is None:
-        reason = f"no Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)})"
-        if need:
-            pytest.fail(reason)
-        print(f"skipping the Duplicates browser test: {reason}")
-        pytest.skip(reason)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if need:
-            pytest.fail("the playwright package is missing")
-        print("skipping the Duplicates browser test: playwright is not installed")
-        pytest.skip("playwright is not installed")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture
@@ -91,57 +36,10 @@ def planted(tmp_path, photos_dir, tiny_store):
 
 
 @pytest.fixture
-def server(planted, tmp_path):
-    """`python -m lookalike serve` with an API key and a move-to folder; stopped after."""
-    photos, store, moved = planted
-    port = free_port()
-    log = tmp_path / "server.log"
-    env = {
-        **os.environ,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "LOOKALIKE_API_KEY": KEY,
-        "LOOKALIKE_DEDUPE_MOVE_TO": str(moved),
-    }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lookalike",
-                "serve",
-                "--store",
-                str(store),
-                "--port",
-                str(port),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lookalike serve exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lookalike serve not healthy after 120 s:\n{log.read_text()}")
-            time.sleep(0.25)
-        yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+def server(browser, serve, planted):
+    """`python -m lookalike serve` with an API key and a move-to folder (conftest's `serve`)."""
+    _, store, moved = planted
+    return serve(store, api_key=KEY, env={"LOOKALIKE_DEDUPE_MOVE_TO": str(moved)})
 
 
 def wait_status(page, text: str) -> str:
