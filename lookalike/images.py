@@ -8,7 +8,7 @@ import os
 import struct
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,11 +428,14 @@ def iter_batches(
     workers: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    known: Mapping[Path, DecodedImage] | None = None,
 ) -> Iterator[tuple[list[DecodedImage], list[FailedImage]]]:
     """Decode files in batches on a thread pool, one batch ahead of the consumer.
 
     Only two batches are ever in memory, so memory stays flat however many paths there are.
+    Paths in ``known`` are not read again: their decoded image is passed on, in order.
     """
+    known = known or {}
 
     def chunks() -> Iterator[list[Path]]:
         chunk: list[Path] = []
@@ -448,13 +451,22 @@ def iter_batches(
         pending: list[Future] | None = None
         for chunk in chunks():
             submitted = [
-                pool.submit(_decode_or_fail, p, size, max_pixels, max_bytes) for p in chunk
+                _done(known[p])
+                if p in known
+                else pool.submit(_decode_or_fail, p, size, max_pixels, max_bytes)
+                for p in chunk
             ]
             if pending is not None:
                 yield _split([f.result() for f in pending])
             pending = submitted
         if pending is not None:
             yield _split([f.result() for f in pending])
+
+
+def _done(result: DecodedImage) -> Future:
+    future: Future = Future()
+    future.set_result(result)
+    return future
 
 
 def _split(

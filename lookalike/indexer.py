@@ -7,7 +7,8 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -265,10 +266,21 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
     if store.photos_root != photos:
         store.update_state({"photos_root": str(photos)})
     failed: dict[Path, FailedImage] = {}
-    if not store.is_trained or options.retrain:
-        cfg = model or (store.model_config() if store.is_trained else ModelConfig())
-        report.train_seconds = _train(store, files, cfg, options, progress, failed)
-        report.trained = True
+    with ExitStack() as stack:
+        decoded = None
+        if not store.is_trained or options.retrain:
+            cfg = model or (store.model_config() if store.is_trained else ModelConfig())
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=store.root, prefix="train-"))
+            report.train_seconds, decoded = _train(
+                store, files, cfg, options, progress, failed, Path(tmp)
+            )
+            report.trained = True
+        _update(store, photos, files, options, progress, report, ray, failed, decoded)
+
+
+def _update(store, photos, files, options, progress, report, ray, failed, decoded) -> None:
+    """Embed what the plan says with the store's model, commit it, bring the index in step and
+    calibrate a new model; ``decoded``: the training sample, decoded already."""
     cfg = store.model_config()
     plan = plan_changes(store, photos, files, report)
 
@@ -299,7 +311,8 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
                 report.index = build_ivf_on_ray(store, requested, ray, progress)
                 index = store.index
     else:
-        embedder = _embed_here(store, photos, plan, committer, cfg, options, progress)
+        known = _unchanged(decoded) if decoded else None
+        embedder = _embed_here(store, photos, plan, committer, cfg, options, progress, known)
 
     count = len(store.db)
     kind = resolve_index_type(requested, count)
@@ -323,9 +336,9 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
         progress("calibrate", 1, 1)
 
 
-def _embed_here(store, photos, plan, committer, cfg, options, progress):
-    """Decode on a thread pool and embed in this process, one committed batch at a time;
-    returns the embedder (None when there was nothing to embed)."""
+def _embed_here(store, photos, plan, committer, cfg, options, progress, known=None):
+    """Decode on a thread pool (``known``: files decoded already) and embed in this process,
+    one committed batch at a time; returns the embedder (None when there was nothing to embed)."""
     todo = plan.todo
     embedder = store.load_embedder() if todo else None
     progress("embed", 0, len(todo))
@@ -337,6 +350,7 @@ def _embed_here(store, photos, plan, committer, cfg, options, progress):
         workers=options.workers,
         max_pixels=options.max_pixels,
         max_bytes=options.max_decode_bytes,
+        known=known,
     ):
         committer.fail(bad, [store.table_path(f.path, photos) for f in bad])
         keep = []
@@ -364,8 +378,10 @@ def _record(im: DecodedImage, rel: str) -> ImageRecord:
     )
 
 
-def _train(store: Store, files, cfg: ModelConfig, options, progress, failed) -> float:
-    """Decode a seeded sample of at most cfg.max_train_images into a memmap and train on it."""
+def _train(store: Store, files, cfg: ModelConfig, options, progress, failed, tmp: Path):
+    """Decode a seeded sample of at most cfg.max_train_images into a memmap in tmp and train on
+    it; returns (seconds, the sample's decoded images by path, with the file's (size, mtime)):
+    the embedding that follows takes those pixels instead of decoding the files again."""
     from .encoder.train import train_autoencoder
 
     started = time.perf_counter()
@@ -376,29 +392,44 @@ def _train(store: Store, files, cfg: ModelConfig, options, progress, failed) -> 
     if len(pick) < 2:
         raise InvalidArgumentError(f"need at least 2 images to train a model, found {len(pick)}")
     s = cfg.image_size
-    with tempfile.TemporaryDirectory(dir=store.root, prefix="train-") as tmp:
-        cache = np.lib.format.open_memmap(
-            Path(tmp) / "sample.npy", mode="w+", dtype=np.uint8, shape=(len(pick), s, s, 3)
+    cache = np.lib.format.open_memmap(
+        tmp / "sample.npy", mode="w+", dtype=np.uint8, shape=(len(pick), s, s, 3)
+    )
+    decoded: dict[Path, tuple[DecodedImage, tuple[int, float]]] = {}
+    progress("decode", 0, len(pick))
+    for ok, bad in iter_batches(
+        pick,
+        s,
+        options.batch_size,
+        workers=options.workers,
+        max_pixels=options.max_pixels,
+        max_bytes=options.max_decode_bytes,
+    ):
+        for f in bad:
+            failed.setdefault(f.path, f)
+        for im in ok:
+            n = len(decoded)
+            cache[n] = im.pixels
+            st = os.stat(im.path)
+            decoded[im.path] = (replace(im, pixels=cache[n]), (st.st_size, st.st_mtime))
+        progress("decode", len(decoded) + len(failed), len(pick))
+    if len(decoded) < 2:
+        raise InvalidArgumentError(
+            f"need at least 2 readable images to train, found {len(decoded)}"
         )
-        n = 0
-        progress("decode", 0, len(pick))
-        for ok, bad in iter_batches(
-            pick,
-            s,
-            options.batch_size,
-            workers=options.workers,
-            max_pixels=options.max_pixels,
-            max_bytes=options.max_decode_bytes,
-        ):
-            for f in bad:
-                failed.setdefault(f.path, f)
-            for im in ok:
-                cache[n] = im.pixels
-                n += 1
-            progress("decode", n + len(failed), len(pick))
-        if n < 2:
-            raise InvalidArgumentError(f"need at least 2 readable images to train, found {n}")
-        result = train_autoencoder(cache[:n], cfg, progress)
-        store.save_model(result, cfg)
-        del cache
-    return time.perf_counter() - started
+    result = train_autoencoder(cache[: len(decoded)], cfg, progress)
+    store.save_model(result, cfg)
+    return time.perf_counter() - started, decoded
+
+
+def _unchanged(decoded: dict[Path, tuple[DecodedImage, tuple[int, float]]]):
+    """The decoded images whose file has the size and mtime it had when it was decoded."""
+    out = {}
+    for path, (im, (size, mtime)) in decoded.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime) == (size, mtime):
+            out[path] = im
+    return out

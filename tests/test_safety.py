@@ -289,3 +289,55 @@ def test_a_report_to_an_unwritable_path_is_one_line(tiny_store, tmp_path):
         )
         assert result.exit_code == 1, result.output
         assert "error:" in result.output and "Traceback" not in result.output
+
+
+def test_the_training_sample_is_decoded_once(tmp_path, photos_dir, monkeypatch):
+    """Training decodes the sample; the embedding that follows takes those pixels (files that
+    changed meanwhile are read again) and stores the same vectors as a fresh decode."""
+    import lookalike.images as images
+
+    calls: list[Path] = []
+    real = images._decode_or_fail
+
+    def counting(path, *args, **kwargs):
+        calls.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "_decode_or_fail", counting)
+    store = tmp_path / "s"
+    report = index_folder(photos_dir, store, model=ONE_EPOCH)
+    assert report.trained and report.added == N
+    assert len(calls) == N  # once each, not twice
+    monkeypatch.undo()
+    engine = Engine.open(store)
+    try:
+        for seed in PHOTO_SEEDS[:5]:
+            hits = engine.search_bytes((photos_dir / photo_name(seed)).read_bytes(), k=1)
+            assert hits[0].path == photo_name(seed) and hits[0].score >= 0.9999
+    finally:
+        engine.close()
+
+
+def test_a_file_changed_after_the_training_decode_is_read_again(store_copy, monkeypatch):
+    from conftest import write_photo
+
+    import lookalike.indexer as indexer_module
+
+    photos, store = store_copy
+    victim = photos / photo_name(PHOTO_SEEDS[7])
+    real_train = indexer_module._train
+
+    def train_then_change(*args, **kwargs):
+        out = real_train(*args, **kwargs)
+        write_photo(victim, 9999)  # changed between the training decode and the embedding
+        return out
+
+    monkeypatch.setattr(indexer_module, "_train", train_then_change)
+    index_folder(photos, store, model=ONE_EPOCH, options=IndexOptions(retrain=True))
+    with Store.open(store) as st:
+        import hashlib
+
+        assert (
+            st.db.by_path(photo_name(PHOTO_SEEDS[7])).sha256
+            == hashlib.sha256(victim.read_bytes()).hexdigest()
+        )
