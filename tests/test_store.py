@@ -248,11 +248,13 @@ def test_a_legacy_store_is_migrated_into_sqlite(tmp_path, tiny_store):
 def test_state_changes_of_two_processes_are_both_kept(tmp_path, tiny_store):
     store_path = tmp_path / "store"
     shutil.copytree(tiny_store, store_path)
+    with Store.open(store_path) as st:
+        st.update_state({"dedupe_threshold": 0.5})
     with Store.open(store_path) as a, Store.open(store_path) as b:
         a.info["dedupe_threshold"] = 0.9
-        b.info["labels_source"] = "folders"
-        b.save_info()  # b's stale copy has no threshold: it must not erase a's
         a.save_info()
+        b.info["labels_source"] = "folders"
+        b.save_info()  # b's copy still says 0.5: it must not write that back over a's 0.9
     with Store.open(store_path) as store:
         assert store.info["dedupe_threshold"] == 0.9
         assert store.info["labels_source"] == "folders"
