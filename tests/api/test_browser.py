@@ -6,7 +6,7 @@ sets LOOKALIKE_REQUIRE_BROWSER=1). Without a browser they skip, and pytest's sum
 
 Every page refuses requests to other hosts and fails the test on a script error. The desktop
 search test takes the README's screenshot; LOOKALIKE_UPDATE_SCREENSHOT=1 writes it to
-docs/screenshot.png.
+lookalike/api/static/screenshot.png.
 """
 
 from __future__ import annotations
@@ -93,13 +93,13 @@ def assert_no_sideways_scroll(page) -> None:
 
 
 def save_screenshot(page, tmp_path: Path) -> None:
-    """A palette PNG of the page, under 200 kB; docs/screenshot.png with
+    """A palette PNG of the page, under 200 kB; lookalike/api/static/screenshot.png with
     LOOKALIKE_UPDATE_SCREENSHOT=1."""
     shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
     buf = io.BytesIO()
     shot.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(buf, "PNG", optimize=True)
     assert len(buf.getvalue()) < 200_000, f"screenshot is {len(buf.getvalue())} bytes"
-    target = REPO / "docs" / "screenshot.png"
+    target = REPO / "lookalike" / "api" / "static" / "screenshot.png"
     if os.environ.get("LOOKALIKE_UPDATE_SCREENSHOT") != "1":
         target = tmp_path / "screenshot.png"
     target.write_bytes(buf.getvalue())
