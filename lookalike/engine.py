@@ -134,9 +134,9 @@ class Engine:
             if serial is not None and serial != self.store.index_model_serial:
                 raise _StaleModel
             if self.single_thread_faiss and len(vectors) <= 4:
-                # One query at a time: OpenMP's thread start-up and its fight with TensorFlow's
-                # threads cost milliseconds a query on 2 cores (p99 12 -> 5 ms quiet, p50 16 ->
-                # 4 ms loaded; scripts/bench_query.py). The setting is per calling thread, so it
+                # One query at a time: OpenMP's thread start-up and its fight with the embedding
+                # runtime's threads cost milliseconds a query on 2 cores (p99 12 -> 5 ms quiet,
+                # p50 16 -> 4 ms loaded, measured with TensorFlow; scripts/bench_query.py). The setting is per calling thread, so it
                 # is set (and restored) here, in the thread that searches.
                 threads = faiss.omp_get_max_threads()
                 faiss.omp_set_num_threads(1)
