@@ -211,13 +211,7 @@ class Engine:
             written: list[Path] = []
             try:
                 records = [self._save_upload(d, written) for d in decoded]
-                return self.store.commit(
-                    lambda before: self.store.db.write(
-                        zip(records, vectors), model=serial, before_commit=before
-                    ),
-                    lambda index, ids: index.add(vectors, np.array(ids, dtype=np.int64)),
-                    lambda index, ids: index.remove(np.array(ids, dtype=np.int64)),
-                )
+                return self.store.add_rows(records, vectors, serial)
             except BaseException:
                 for path in written:
                     path.unlink(missing_ok=True)

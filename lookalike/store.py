@@ -716,6 +716,15 @@ class Store:
             self._reload_state()
             return self._load_index_file(self._generation)
 
+    def add_rows(self, records: list, vectors: np.ndarray, serial: int) -> list[int]:
+        """Insert rows embedded by model ``serial`` into the table and the index, all or nothing
+        (the caller holds the writer lock); returns their ids."""
+        return self.commit(
+            lambda before: self.db.write(zip(records, vectors), model=serial, before_commit=before),
+            lambda index, ids: index.add(vectors, np.array(ids, dtype=np.int64)),
+            lambda index, ids: index.remove(np.array(ids, dtype=np.int64)),
+        )
+
     def remove_images(self, ids: list[int]) -> int:
         """Drop images from the table and the index, all or nothing; returns rows removed."""
         with self.writing():

@@ -345,13 +345,7 @@ def _restore_rows(store: Store, rows: list[dict[str, Any]]) -> int:
         vectors = np.stack(
             [np.frombuffer(base64.b64decode(r["vector"]), "<f4") for r in keep]
         ).astype(np.float32)
-        ids = store.commit(  # table and index in one all-or-nothing change
-            lambda before: store.db.write(
-                zip(records, vectors), model=store.model_serial, before_commit=before
-            ),
-            lambda index, ids: index.add(vectors, np.array(ids, dtype=np.int64)),
-            lambda index, ids: index.remove(np.array(ids, dtype=np.int64)),
-        )
+        ids = store.add_rows(records, vectors, store.model_serial)  # all or nothing
     return len(ids)
 
 

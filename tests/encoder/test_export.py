@@ -123,6 +123,17 @@ def test_an_older_store_gets_its_portable_model_exported_once(store_copy, caplog
         assert np.sum(embedder(pixels) * want, axis=1).min() >= MIN_COSINE
 
 
+def _clean_python(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run the interpreter with args in a minimal environment (no TF_* settings)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=timeout,
+    )
+
+
 QUERY = """
 import sys
 from lookalike.engine import Engine
@@ -136,13 +147,7 @@ print("heavy:", heavy)
 
 def test_the_query_path_imports_no_tensorflow(tiny_store, photos_dir):
     photo = photos_dir / photo_name(0)
-    result = subprocess.run(
-        [sys.executable, "-c", QUERY, str(tiny_store), str(photo)],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=120,
-    )
+    result = _clean_python("-c", QUERY, str(tiny_store), str(photo), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "heavy: []" in result.stdout
     assert result.stderr == ""  # nothing from any framework
@@ -150,12 +155,9 @@ def test_the_query_path_imports_no_tensorflow(tiny_store, photos_dir):
 
 def test_cli_search_is_quiet_and_tensorflow_free(tiny_store, photos_dir):
     photo = photos_dir / photo_name(1)
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "lookalike", "search", str(photo)]
-        + ["--store", str(tiny_store), "-k", "2", "--json"],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    result = _clean_python(
+        *["-X", "importtime", "-m", "lookalike", "search", str(photo)],
+        *["--store", str(tiny_store), "-k", "2", "--json"],
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -182,12 +184,8 @@ main()
 def test_an_older_store_without_tensorflow_says_what_to_install(store_copy, photos_dir):
     _, root = store_copy
     (root / "model-1" / PORTABLE_FILE).unlink()
-    result = subprocess.run(
-        [sys.executable, "-c", NO_TENSORFLOW, str(root), str(photos_dir / photo_name(2))],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=120,
+    result = _clean_python(
+        "-c", NO_TENSORFLOW, str(root), str(photos_dir / photo_name(2)), timeout=120
     )
     assert result.returncode == 1
     assert "pip install 'lookalike[train]'" in result.stderr
@@ -208,13 +206,7 @@ print("trained", report.trained, report.images)
 @pytest.mark.slow
 def test_training_and_export_print_no_framework_lines(tmp_path, photos_dir):
     cfg = json.dumps(TINY.replace(epochs=1).to_dict())
-    result = subprocess.run(
-        [sys.executable, "-c", TRAIN, str(photos_dir), str(tmp_path / "s"), cfg],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=300,
-    )
+    result = _clean_python("-c", TRAIN, str(photos_dir), str(tmp_path / "s"), cfg, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "trained True" in result.stdout
     assert result.stderr == ""
