@@ -4,6 +4,9 @@
 1. HTTP: --requests sequential POST /search uploads (k=10) over one keep-alive connection:
    p50 / p95 / p99 client latency, and the server's own took_ms; then throughput with 1, 4 and
    16 concurrent clients (threads, one httpx.Client each; --requests requests per level).
+   With --wrk (Debian's `wrk`, a C load generator), the same runs are also made by wrk over
+   --seconds each: the Python client costs about as much CPU per request as the server's HTTP
+   layer, and on a 2-core machine it competes with the server for the cores it measures.
 2. In-process: the same queries through Engine.search_bytes in this process, sequential and
    with the same numbers of threads, so the HTTP overhead (multipart, ASGI, JSON, loopback)
    shows as the difference.
@@ -24,10 +27,12 @@ import argparse
 import os
 import platform
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -166,6 +171,78 @@ def bench_http(url: str, queries: list[bytes], args) -> list[dict]:
     return rows
 
 
+WRK_SCRIPT = """
+local bodies = {}
+local n = 0
+function init(args)
+  for i, path in ipairs(args) do
+    local f = io.open(path, "rb"); bodies[i] = f:read("*all"); f:close()
+  end
+end
+function request()
+  n = n + 1
+  local headers = {["Content-Type"] = "multipart/form-data; boundary=BOUNDARY"}
+  return wrk.format("POST", nil, headers, bodies[(n % #bodies) + 1])
+end
+function done(summary, latency, requests)
+  io.write(string.format("WRK %d %f %f %f %f %f %d\\n", summary.requests,
+    summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(95) / 1e3,
+    latency:percentile(99) / 1e3, latency.mean / 1e3,
+    summary.errors.status + summary.errors.connect + summary.errors.read
+      + summary.errors.write + summary.errors.timeout))
+end
+"""
+BOUNDARY = "lookalike-bench-boundary"
+
+
+def multipart(data: bytes) -> bytes:
+    """One form field `file`, as the web page's FormData sends it."""
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="q.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def bench_wrk(url: str, queries: list[bytes], args) -> list[dict]:
+    """The HTTP runs made by wrk: 1 connection (sequential), then each --clients level."""
+    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
+        paths = []
+        for i, data in enumerate(queries):
+            paths.append(Path(tmp) / f"{i}.body")
+            paths[-1].write_bytes(multipart(data))
+        script = Path(tmp) / "search.lua"
+        script.write_text(WRK_SCRIPT.replace("BOUNDARY", BOUNDARY))
+        target = f"{url}/search?k={args.k}"
+
+        def run(connections: int, seconds: int) -> dict:
+            cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), target]
+            out = subprocess.run(cmd + ["--", *map(str, paths)], capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("WRK ")), None)
+            if line is None:
+                sys.exit(f"wrk failed: {out.stdout[-500:]} {out.stderr[-500:]}")
+            n, secs, p50, p95, p99, mean, errors = line.split()[1:]
+            if int(errors):
+                sys.exit(f"wrk: {errors} failed requests")
+            return {
+                "requests": int(n),
+                "req_s": int(n) / float(secs),
+                "p50": float(p50),
+                "p95": float(p95),
+                "p99": float(p99),
+                "mean": float(mean),
+                "server_p50": float("nan"),
+            }
+
+        run(1, 2)  # warm-up
+        rows = [{"path": "HTTP (wrk)", "mode": "sequential"} | run(1, args.seconds)]
+        for clients in args.clients:
+            rows.append(
+                {"path": "HTTP (wrk)", "mode": f"{clients} clients"} | run(clients, args.seconds)
+            )
+    return rows
+
+
 def bench_in_process(store: Path, queries: list[bytes], args) -> list[dict]:
     from lookalike.engine import Engine
 
@@ -219,6 +296,8 @@ def main() -> None:
     ap.add_argument("-k", "--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-in-process", action="store_true")
+    ap.add_argument("--wrk", action="store_true", help="also load the server with wrk")
+    ap.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -240,6 +319,11 @@ def main() -> None:
         stats = httpx.get(url + "/stats", timeout=10).json()
         print(f"HTTP against {url} ...", file=sys.stderr, flush=True)
         rows = bench_http(url, queries, args)
+        if args.wrk:
+            if shutil.which("wrk") is None:
+                sys.exit("--wrk: no wrk on PATH (Debian: apt-get install wrk)")
+            print("HTTP with wrk ...", file=sys.stderr, flush=True)
+            rows += bench_wrk(url, queries, args)
     finally:
         if proc is not None:
             stop_server(proc)  # the in-process runs get the CPUs to themselves
