@@ -526,9 +526,24 @@ def dedupe(
     move_to: Annotated[
         Path | None, typer.Option("--move-to", help="Move the others here (under their paths).")
     ] = None,
-    delete: Annotated[bool, typer.Option("--delete", help="Delete the others.")] = False,
+    delete: Annotated[
+        bool,
+        typer.Option(
+            "--delete",
+            help="Delete the others: into the store's trash (STORE/trash), from where --undo "
+            "puts them back until --empty-trash.",
+        ),
+    ] = False,
     yes: Annotated[
-        bool, typer.Option("--yes", help="Really move or delete (else: dry run).")
+        bool,
+        typer.Option("--yes", help="Really move, delete or empty the trash (else: dry run)."),
+    ] = False,
+    empty_trash: Annotated[
+        bool,
+        typer.Option(
+            "--empty-trash",
+            help="Delete the photos in the store's trash for good (with --yes), freeing space.",
+        ),
     ] = False,
     against: Annotated[
         Path | None,
@@ -546,7 +561,7 @@ def dedupe(
     ] = True,
 ) -> None:
     """Group near-duplicate photos; review them, or move or delete all but one of each group."""
-    from .dedupe.actions import apply_actions, pending, plan_actions, preview, resume, undo
+    from .dedupe.actions import apply_actions, pending, plan_actions, resume
     from .dedupe.grouping import BAND, calibrated_threshold, find_groups, groups_to_dict
     from .dedupe.report import write_csv, write_html
     from .store import Store
@@ -555,28 +570,20 @@ def dedupe(
         fail("--json and --csv are alternatives; give one")
     if move_to and delete:
         fail("--move-to and --delete are alternatives; give one")
-    if yes and not (move_to or delete):
-        fail("--yes confirms --move-to or --delete; give one of them")
     if against and (move_to or delete or csv_file or html_file):
         fail("--against only lists matches; it takes no --move-to, --delete, --csv or --html")
     if undo_last and (move_to or delete or against or csv_file or html_file or yes):
         fail("--undo puts back the last clean-up; it takes no other action")
+    if empty_trash and (move_to or delete or against or csv_file or html_file or undo_last):
+        fail("--empty-trash empties the store's trash; it takes no other action but --yes")
     with errors_to_exit(), Store.open(store) as st:
         st.model_config()  # a clear error for a store without a model
         if undo_last:
-            done = undo(st)
-            if as_json:
-                print(json.dumps(done.to_dict()))
-                return
-            for p in done.restored:
-                out.print(f"put back {p}", highlight=False, markup=False, soft_wrap=True)
-            for p, why in done.failed:
-                err.print(f"not put back {p}: {why}", highlight=False, markup=False)
-            out.print(
-                f"{len(done.restored)} files put back, {done.rows} rows restored "
-                f"(run `lookalike index` for any row of an older model)"
-            )
-            return
+            return _dedupe_undo(st, as_json)
+        if empty_trash:
+            return _dedupe_empty_trash(st, yes, as_json)
+        if yes and not (move_to or delete or empty_trash or pending(st)):
+            fail("--yes confirms --move-to, --delete or --empty-trash; give one of them")
         if pending(st):
             if yes:
                 done = resume(st)
@@ -591,23 +598,7 @@ def dedupe(
             t = calibrate_store(st).threshold
         phash = phash_max if phash_max >= 0 else None
         if against is not None:
-            from .dedupe.incoming import find_known
-            from .engine import Engine
-
-            known = find_known(Engine(st), against, t, phash_max=phash)
-            if as_json:
-                print(json.dumps(known.to_dict()))
-                return
-            for k in known.known:
-                best = ", ".join(f"{p} ({s:.4f})" for p, s in k.matches)
-                out.print(f"{k.path}  ->  {best}", highlight=False, markup=False, soft_wrap=True)
-            out.print(
-                f"{len(known.known)} of {known.checked} files already have a near-duplicate "
-                f"(threshold {t:.4f})"
-            )
-            for f in known.failed:
-                err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
-            return
+            return _dedupe_against(st, against, t, phash, as_json)
         from .dedupe.verification import verified_pairs
 
         band = BAND if threshold is None else 0.0  # the calibrated default: a second witness
@@ -617,49 +608,132 @@ def dedupe(
         if html_file:
             write_html(st, groups, t, html_file)
         actions = plan_actions(st, groups, move_to, delete) if move_to or delete else []
-        data = groups_to_dict(groups, t, phash)
         report = apply_actions(st, actions) if yes else None
         if as_json:
+            data = groups_to_dict(groups, t, phash)
             if move_to or delete:
-                data["actions"] = [
-                    {"path": a.path, "action": "move" if a.dest else "delete"}
-                    | ({"to": str(preview(st, a))} if a.dest and not yes else {})
-                    for a in actions
-                ]
+                data["actions"] = _actions_json(st, actions, yes)
                 data["applied"] = report.to_dict() if report else None
             print(json.dumps(data))
             return
-        for number, g in enumerate(groups, 1):
-            out.print(f"group {number} (kept: {g.reason})", style="bold", markup=False)
-            for m in g.members:
-                mark = "keep" if m.id == g.keep.id else "    "
-                link = "" if m.id == g.keep.id else f" [{m.link}]"
-                out.print(
-                    f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}{link}",
-                    highlight=False,
-                    markup=False,
-                    soft_wrap=True,
-                )
-        spare = sum(len(g.others) for g in groups)
-        rule = f"threshold {t:.4f}" + (f", pHash distance <= {phash}" if phash is not None else "")
-        out.print(f"{len(groups)} groups, {spare} photos besides the kept ones ({rule})")
-        if report is not None:
-            for o in report.outcomes:
-                where = f" -> {o.to}" if o.to else (f": {o.reason}" if o.reason else "")
-                out.print(
-                    f"{o.status} {o.action.path}{where}",
-                    highlight=False,
-                    markup=False,
-                    soft_wrap=True,
-                )
-            if report.skipped:
-                err.print(f"{len(report.skipped)} files skipped (listed above)")
-        elif actions:
-            for a in actions:
-                dest = preview(st, a)
-                line = f"would move {a.path} -> {dest}" if dest else f"would delete {a.path}"
-                out.print(line, highlight=False, markup=False, soft_wrap=True)
-            out.print("dry run: nothing changed; add --yes to do it")
+        _print_groups(groups, t, phash)
+        _print_actions(st, actions, report)
+
+
+def _dedupe_undo(st, as_json: bool) -> None:
+    """`dedupe --undo`: put back the last clean-up and say what came back."""
+    from .dedupe.actions import undo
+
+    done = undo(st)
+    if as_json:
+        print(json.dumps(done.to_dict()))
+        return
+    for p in done.restored:
+        out.print(f"put back {p}", highlight=False, markup=False, soft_wrap=True)
+    for p, why in done.failed:
+        err.print(f"not put back {p}: {why}", highlight=False, markup=False)
+    out.print(
+        f"{len(done.restored)} files put back, {done.rows} rows restored "
+        f"(run `lookalike index` for any row of an older model)"
+    )
+
+
+def _dedupe_empty_trash(st, yes: bool, as_json: bool) -> None:
+    """`dedupe --empty-trash [--yes]`: what the trash holds; with --yes, delete it for good."""
+    from .dedupe.actions import empty_trash, trash_contents
+
+    report = empty_trash(st) if yes else trash_contents(st)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    size = f"{report.files} files, {report.bytes / 1e6:.1f} MB in {len(report.runs)} clean-ups"
+    if report.emptied:
+        out.print(f"emptied the trash of {st.root}: {size} deleted for good")
+    elif report.files:
+        out.print(f"the trash of {st.root} holds {size}")
+        out.print("dry run: nothing deleted; add --yes to delete them for good (no undo)")
+    else:
+        out.print(f"the trash of {st.root} is empty")
+
+
+def _dedupe_against(st, against: Path, t: float, phash: int | None, as_json: bool) -> None:
+    """`dedupe --against FOLDER`: the folder's files the collection already has."""
+    from .dedupe.incoming import find_known
+    from .engine import Engine
+
+    known = find_known(Engine(st), against, t, phash_max=phash)
+    if as_json:
+        print(json.dumps(known.to_dict()))
+        return
+    for k in known.known:
+        best = ", ".join(f"{p} ({s:.4f})" for p, s in k.matches)
+        out.print(f"{k.path}  ->  {best}", highlight=False, markup=False, soft_wrap=True)
+    out.print(
+        f"{len(known.known)} of {known.checked} files already have a near-duplicate "
+        f"(threshold {t:.4f})"
+    )
+    for f in known.failed:
+        err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
+
+
+def _actions_json(st, actions: list, applied: bool) -> list[dict]:
+    """The planned actions for --json: a dry run says where each file would go."""
+    from .dedupe.actions import preview
+
+    return [
+        {"path": a.path, "action": "delete" if a.trash else "move"}
+        | ({} if applied else {"to": str(preview(st, a))})
+        for a in actions
+    ]
+
+
+def _print_groups(groups: list, t: float, phash: int | None) -> None:
+    """The groups, one line a member, the kept one marked."""
+    for number, g in enumerate(groups, 1):
+        out.print(f"group {number} (kept: {g.reason})", style="bold", markup=False)
+        for m in g.members:
+            mark = "keep" if m.id == g.keep.id else "    "
+            link = "" if m.id == g.keep.id else f" [{m.link}]"
+            out.print(
+                f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}{link}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+    spare = sum(len(g.others) for g in groups)
+    rule = f"threshold {t:.4f}" + (f", pHash distance <= {phash}" if phash is not None else "")
+    out.print(f"{len(groups)} groups, {spare} photos besides the kept ones ({rule})")
+
+
+def _print_actions(st, actions: list, report) -> None:
+    """What a run did (report) or, in a dry run, what it would do."""
+    from .dedupe.actions import preview
+
+    def say(line: str) -> None:
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    if report is not None:
+        for o in report.outcomes:
+            verb = "deleted (to the trash)" if o.action.trash and o.status == "moved" else o.status
+            where = f" -> {o.to}" if o.to else (f": {o.reason}" if o.reason else "")
+            say(f"{verb} {o.action.path}{where}")
+        if report.skipped:
+            err.print(f"{len(report.skipped)} files skipped (listed above)")
+        if any(a.trash for a in actions):
+            say(
+                "deleted photos are in the store's trash: `--undo` puts them back, "
+                "`--empty-trash --yes` frees the space"
+            )
+        return
+    for a in actions:
+        dest = preview(st, a)
+        say(
+            f"would delete {a.path} (to the trash: {dest})"
+            if a.trash
+            else f"would move {a.path} -> {dest}"
+        )
+    if actions:
+        say("dry run: nothing changed; add --yes to do it")
 
 
 RAY_LOCAL = "local"

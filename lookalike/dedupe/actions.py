@@ -1,9 +1,13 @@
 """Acting on dedupe groups: move or delete every non-kept member, without ever losing a photo.
 
+A delete is a move into the store's trash (STORE/trash/<run>/<path>): it can be undone like any
+move, and the space comes back only when the trash is emptied (``empty_trash``, a separate,
+confirmed step). Nothing here unlinks a photo that exists nowhere else.
+
 Safety, in order:
 - A plan names each file with the sha256 the store recorded; a file whose bytes changed since
-  it was indexed is skipped, and nothing is deleted unless the group's kept file is still there
-  with its recorded bytes.
+  it was indexed is skipped, and nothing is moved or deleted unless the group's kept file is
+  still there with its recorded bytes.
 - Before the first change the plan is written to STORE/dedupe-journal.json (atomically). A run
   that is killed leaves the journal; the next run (``resume``) finishes it, and only then is
   the journal removed.
@@ -18,7 +22,7 @@ Safety, in order:
 - Undo: the journal also holds each acted-on row (its facts and embedding); a finished run is
   kept as STORE/dedupe-done/<time>.json with where each file went. ``undo`` moves every moved
   file of the last run back to its place (never over another file) and puts its row back in
-  the store; a deleted file cannot come back (deletes are refused unless asked for).
+  the store, deleted files included (from the trash, while it has not been emptied).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +51,31 @@ log = logging.getLogger(__name__)
 
 JOURNAL = "dedupe-journal.json"
 DONE = "dedupe-done"  # finished runs, one JSON file each, for undo
+TRASH = "trash"  # STORE/trash/<run>/<path>: deleted photos, until the trash is emptied
 STORE_BATCH = 500  # files acted on between two store updates
 MAX_SUFFIX = 10_000
 
 
 @dataclass(frozen=True)
 class Action:
-    """Move (dest set) or delete (dest None) one non-kept member of a group."""
+    """Move one non-kept member of a group to dest (trash: a delete, dest in the store's trash).
+
+    Journals of older versions hold deletes as dest None; ``pending`` gives them a trash dest.
+    """
 
     id: int
     path: str  # table path of the member
     sha256: str  # its bytes when indexed
     keep: str  # table path of its group's kept image
     keep_sha256: str
-    dest: str | None  # absolute destination before any numbered suffix; None: delete
+    dest: str | None  # absolute destination before any numbered suffix
+    trash: bool = False  # a delete: dest is in the store's trash
 
 
 @dataclass
 class Outcome:
-    """What became of one action: moved / deleted / gone (file already absent) / skipped."""
+    """What became of one action: moved / gone (file already absent) / skipped; a delete is a
+    move to the trash (``action.trash``)."""
 
     action: Action
     status: str
@@ -121,10 +131,10 @@ def check_move_to(store: Store, move_to: Path) -> Path:
 def plan_actions(
     store: Store, groups: Iterable[Group], move_to: Path | None = None, delete: bool = False
 ) -> list[Action]:
-    """One action per non-kept member: a move under move_to, or (delete=True) a delete."""
+    """One action per non-kept member: a move under move_to, or (delete=True) to the trash."""
     if (move_to is None) == (not delete):
         raise InvalidArgumentError("give exactly one of a move-to folder or delete")
-    target = check_move_to(store, move_to) if move_to is not None else None
+    target = check_move_to(store, move_to) if move_to is not None else new_trash(store)
     groups = list(groups)
     ids = [m.id for g in groups for m in g.members]
     records = store.db.get_many(ids)
@@ -137,15 +147,21 @@ def plan_actions(
             rec = records.get(m.id)
             if rec is None:
                 continue
-            dest = str(destination(target, rec.path)) if target is not None else None
-            actions.append(Action(rec.id, rec.path, rec.sha256, keep.path, keep.sha256, dest))
+            dest = str(destination(target, rec.path))
+            actions.append(
+                Action(rec.id, rec.path, rec.sha256, keep.path, keep.sha256, dest, delete)
+            )
     return actions
 
 
-def preview(store: Store, action: Action) -> Path | None:
-    """The destination a move would take now (numbered if the name is taken); None: delete."""
-    if action.dest is None:
-        return None
+def new_trash(store: Store) -> Path:
+    """A new run's folder in the store's trash (made when the first file goes there)."""
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}"
+    return store.root / TRASH / stamp
+
+
+def preview(store: Store, action: Action) -> Path:
+    """The destination a move would take now (numbered if the name is taken)."""
     for cand in _candidates(Path(action.dest)):
         if not os.path.lexists(cand) or _is_same(cand, action.sha256):
             return cand
@@ -163,7 +179,14 @@ def pending(store: Store) -> list[Action]:
     if not path.exists():
         return []
     data = json.loads(path.read_text())
-    return [Action(**a) for a in data["actions"]]
+    actions = [Action(**a) for a in data["actions"]]
+    if any(a.dest is None for a in actions):  # an older version's deletes: to the trash now
+        trash = new_trash(store)
+        actions = [
+            replace(a, dest=str(destination(trash, a.path)), trash=True) if a.dest is None else a
+            for a in actions
+        ]
+    return actions
 
 
 def resume(store: Store) -> ActionReport | None:
@@ -191,6 +214,10 @@ def _resume(store: Store) -> ActionReport | None:
     if not actions:
         journal_path(store).unlink(missing_ok=True)
         return None
+    if any(a.trash for a in actions):  # older deletes got their trash dest: write it down
+        data = json.loads(journal_path(store).read_text())
+        data["actions"] = [asdict(a) for a in actions]
+        write_json_atomic(journal_path(store), data)
     log.info("finishing an interrupted dedupe run: %d files", len(actions))
     return _run(store, actions)
 
@@ -294,7 +321,7 @@ def _undo(store: Store) -> UndoReport:
     back: list[dict[str, Any]] = []
     for o in data.get("outcomes", []):
         if o["status"] != "moved":
-            if o["status"] == "deleted":
+            if o["status"] == "deleted":  # by a version before the trash
                 report.failed.append((o["path"], "deleted: it cannot come back"))
             continue
         why = _put_back(store, o["path"], Path(o["to"]), shas[o["path"]])
@@ -314,6 +341,8 @@ def _put_back(store: Store, rel_path: str, moved: Path, sha: str) -> str | None:
     home = store.file_path(rel_path)
     if os.path.lexists(home):
         return "done already" if _is_same(home, sha) else f"{home} is taken by another file"
+    if not os.path.lexists(moved) and moved.is_relative_to(store.root / TRASH):
+        return "deleted: the trash was emptied since"
     if not _is_same(moved, sha):
         return f"{moved} is missing or changed"
     home.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +378,48 @@ def _restore_rows(store: Store, rows: list[dict[str, Any]]) -> int:
     return len(ids)
 
 
+# -- the trash ---------------------------------------------------------------------------------
+@dataclass
+class TrashReport:
+    """The trash's runs (oldest first), its files and bytes; emptied: whether they are gone."""
+
+    runs: list[str] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+    emptied: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def trash_contents(store: Store) -> TrashReport:
+    """What the store's trash holds (a dry run of ``empty_trash``)."""
+    report = TrashReport()
+    root = store.root / TRASH
+    for run in sorted(root.iterdir()) if root.is_dir() else []:
+        report.runs.append(run.name)
+        for path in run.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                report.files += 1
+                report.bytes += path.stat().st_size
+    return report
+
+
+def empty_trash(store: Store) -> TrashReport:
+    """Delete everything in the store's trash, for good (writer lock held; no dedupe run may
+    be pending, since it may be moving files there)."""
+    with store.writing():
+        if journal_path(store).exists():
+            raise InvalidArgumentError(
+                "an interrupted dedupe run is pending; finish it first (--yes)"
+            )
+        report = trash_contents(store)
+        for name in report.runs:
+            shutil.rmtree(store.root / TRASH / name)
+        report.emptied = True
+    return report
+
+
 # -- one file ----------------------------------------------------------------------------------
 def _act(store: Store, action: Action) -> Outcome:
     src = store.file_path(action.path)
@@ -362,17 +433,13 @@ def _act(store: Store, action: Action) -> Outcome:
         return Outcome(action, "gone")
     if not src.is_file() or _sha256(src) != action.sha256:
         return Outcome(action, "skipped", reason="changed since it was indexed")
-    if action.dest is None:
-        keep = store.file_path(action.keep)
-        if keep.resolve() == src.resolve():  # one is a symbolic link to the other
-            return Outcome(action, "skipped", reason=f"it is the kept file {action.keep} itself")
-        if not keep.is_file() or _sha256(keep) != action.keep_sha256:
-            return Outcome(
-                action, "skipped", reason=f"the kept file {action.keep} is missing or changed"
-            )
-        src.unlink()
-        _fsync_dir(src.parent)
-        return Outcome(action, "deleted")
+    keep = store.file_path(action.keep)
+    if keep.resolve() == src.resolve():  # one is a symbolic link to the other
+        return Outcome(action, "skipped", reason=f"it is the kept file {action.keep} itself")
+    if not keep.is_file() or _sha256(keep) != action.keep_sha256:
+        return Outcome(
+            action, "skipped", reason=f"the kept file {action.keep} is missing or changed"
+        )
     return Outcome(action, "moved", to=str(_move(src, Path(action.dest), action.sha256)))
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -221,15 +222,53 @@ def test_undo_puts_back_every_moved_file_and_its_row(collection, tmp_path):
     assert again.exit_code != 0 and "no dedupe clean-up to undo" in again.output
 
 
-def test_delete_yes_deletes_the_others_only(collection):
+def test_delete_yes_moves_the_others_only_to_the_trash(collection):
     photos, store, planted = collection
     before = tree(photos)
-    dedupe("--store", store, "--delete", "--keep", "oldest", "--yes")
+    result = dedupe("--store", store, "--delete", "--keep", "oldest", "--yes")
+    assert "--empty-trash" in result.output
     after = tree(photos)
     assert sorted(set(before) - set(after)) == sorted(planted)
     assert all(after[o] == before[o] for o in planted.values())
     states, count, _ = store_state(store)
     assert count == len(states) == len(after)
+    [run] = (store / dedupe_actions.TRASH).iterdir()  # same bytes, same relative paths
+    assert tree(run) == {p: before[p] for p in planted}
+
+
+def test_deleted_photos_come_back_with_undo_until_the_trash_is_emptied(collection):
+    photos, store, planted = collection
+    before, states_before = tree(photos), store_state(store)[0]
+    dedupe("--store", store, "--delete", "--keep", "oldest", "--yes")
+    result = json.loads(dedupe("--store", store, "--undo", "--json").stdout)
+    assert sorted(result["restored"]) == sorted(planted) and result["failed"] == []
+    assert tree(photos) == before and set(store_state(store)[0]) == set(states_before)
+    assert tree(store / dedupe_actions.TRASH) == {}
+
+    dedupe("--store", store, "--delete", "--keep", "oldest", "--yes")
+    dry = dedupe("--store", store, "--empty-trash").output
+    assert f"{len(planted)} files" in dry and "nothing deleted" in dry
+    assert len(tree(store / dedupe_actions.TRASH)) == len(planted)  # a dry run keeps them
+    emptied = json.loads(dedupe("--store", store, "--empty-trash", "--yes", "--json").stdout)
+    assert emptied["emptied"] and emptied["files"] == len(planted)
+    assert tree(store / dedupe_actions.TRASH) == {}
+    result = json.loads(dedupe("--store", store, "--undo", "--json").stdout)
+    assert result["restored"] == [] and len(result["failed"]) == len(planted)
+    assert all("trash was emptied" in f["reason"] for f in result["failed"])
+
+
+def test_an_older_journal_of_deletes_finishes_into_the_trash(collection):
+    photos, store, planted = collection
+    with Store.open(store) as st:
+        actions = plan_actions(st, find_groups(st, keep="oldest"), delete=True)
+    older = [dict(asdict(a), dest=None) for a in actions]  # how deletes were journalled
+    for a in older:
+        del a["trash"]
+    (store / dedupe_actions.JOURNAL).write_text(json.dumps({"version": 2, "actions": older}))
+    dedupe("--store", store, "--yes")  # finishes the pending run
+    [run] = (store / dedupe_actions.TRASH).iterdir()
+    assert sorted(tree(run)) == sorted(planted)
+    assert not any((photos / p).exists() for p in planted)
 
 
 def test_delete_is_skipped_when_the_kept_file_changed(collection):
@@ -377,7 +416,8 @@ def test_journal_is_plain_json(collection, tmp_path, monkeypatch):
         apply_actions(st, plan_actions(st, find_groups(st, keep="oldest"), delete=True))
     data = json.loads((store / dedupe_actions.JOURNAL).read_text())
     assert {a["path"] for a in data["actions"]} == set(planted)
-    assert all(a["dest"] is None for a in data["actions"])
+    trash = store / dedupe_actions.TRASH
+    assert all(a["trash"] and Path(a["dest"]).is_relative_to(trash) for a in data["actions"])
     assert os.path.exists(store / "info.json")
 
 
