@@ -245,14 +245,24 @@ class Engine:
         )
 
     def remove_image(self, image_id: int) -> None:
-        """Remove one image from the index and the table (an uploaded file is deleted too)."""
+        """Remove one image from the index and the table; an uploaded file (the only copy)
+        goes to the store's trash, a file of the photos folder stays where it is."""
         with self.store.writing(timeout=self.write_timeout):
             record = self.store.db.get(image_id)
             if record is None:
                 raise NotFoundError(f"no image with id {image_id}")
             self.store.remove_images([image_id])
-        if record.path.startswith(UPLOAD_PREFIX):
-            self.store.file_path(record.path).unlink(missing_ok=True)
+            if record.path.startswith(UPLOAD_PREFIX):
+                self._trash_upload(record.path)
+
+    def _trash_upload(self, rel_path: str) -> None:
+        """Move an upload's file into the store's trash (one rename: same folder tree)."""
+        src = self.store.file_path(rel_path)
+        if not src.exists():
+            return
+        dest = self.store.new_trash_dir() / "uploads" / rel_path[len(UPLOAD_PREFIX) :]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)
 
 
 class _StaleModel(Exception):

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 UPLOAD_PREFIX = "@uploads/"  # table paths of images added over HTTP, kept in STORE/uploads
+TRASH = "trash"  # STORE/trash/<run>/<path>: deleted photos, until the trash is emptied
 METRIC = "cosine"  # inner product of L2-normalised float32 vectors
 SNAPSHOT_KEYS = ("format_version", "count", "metric", "updated", "versions")  # not state
 INDEX_FILE = re.compile(r"^index-(\d+)\.faiss$")
@@ -288,6 +289,11 @@ class Store:
     @property
     def uploads_dir(self) -> Path:
         return self.root / "uploads"
+
+    def new_trash_dir(self) -> Path:
+        """A new folder in the store's trash for one delete run (made when first used)."""
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}"
+        return self.root / TRASH / stamp
 
     @property
     def photos_root(self) -> Path | None:

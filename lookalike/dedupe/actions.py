@@ -44,14 +44,13 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from ..index.meta import ImageRecord
-from ..store import UPLOAD_PREFIX, Store, write_json_atomic
+from ..store import TRASH, UPLOAD_PREFIX, Store, write_json_atomic
 from .grouping import Group
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "dedupe-journal.json"
 DONE = "dedupe-done"  # finished runs, one JSON file each, for undo
-TRASH = "trash"  # STORE/trash/<run>/<path>: deleted photos, until the trash is emptied
 STORE_BATCH = 500  # files acted on between two store updates
 MAX_SUFFIX = 10_000
 
@@ -134,7 +133,7 @@ def plan_actions(
     """One action per non-kept member: a move under move_to, or (delete=True) to the trash."""
     if (move_to is None) == (not delete):
         raise InvalidArgumentError("give exactly one of a move-to folder or delete")
-    target = check_move_to(store, move_to) if move_to is not None else new_trash(store)
+    target = check_move_to(store, move_to) if move_to is not None else store.new_trash_dir()
     groups = list(groups)
     ids = [m.id for g in groups for m in g.members]
     records = store.db.get_many(ids)
@@ -152,12 +151,6 @@ def plan_actions(
                 Action(rec.id, rec.path, rec.sha256, keep.path, keep.sha256, dest, delete)
             )
     return actions
-
-
-def new_trash(store: Store) -> Path:
-    """A new run's folder in the store's trash (made when the first file goes there)."""
-    stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}"
-    return store.root / TRASH / stamp
 
 
 def preview(store: Store, action: Action) -> Path:
@@ -181,7 +174,7 @@ def pending(store: Store) -> list[Action]:
     data = json.loads(path.read_text())
     actions = [Action(**a) for a in data["actions"]]
     if any(a.dest is None for a in actions):  # an older version's deletes: to the trash now
-        trash = new_trash(store)
+        trash = store.new_trash_dir()
         actions = [
             replace(a, dest=str(destination(trash, a.path)), trash=True) if a.dest is None else a
             for a in actions

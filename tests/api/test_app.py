@@ -215,7 +215,9 @@ def test_delete_removes_from_search_and_404s_afterwards(client, api_store, photo
     r = client.delete(f"/images/{image_id}")
     assert r.status_code == 200 and r.json() == {"deleted": image_id}
     assert image_id not in {h["id"] for h in search(client, data, k=100)}
-    assert len(upload_names(api_store)) == len(uploads) - 1  # the uploaded file went too
+    assert len(upload_names(api_store)) == len(uploads) - 1  # the uploaded file went too,
+    trashed = [p for p in (api_store / "trash").rglob("*") if p.is_file()]  # into the trash
+    assert any(p.read_bytes() == data for p in trashed)
     assert_error(client.get(f"/images/{image_id}"), 404, "not_found")
     assert_error(client.get(f"/images/{image_id}/thumbnail"), 404, "not_found")
     assert_error(client.get(f"/images/{image_id}/similar"), 404, "not_found")
