@@ -226,3 +226,12 @@ def test_migration_adds_the_phash_column_to_an_old_table(tmp_path):
     columns = [r[1] for r in d.conn.execute("PRAGMA table_info(images)")]
     assert columns.count("phash") == 1
     d.close()
+
+
+def test_newest_first_pages_read_the_mtime_index_not_a_sort(db):
+    """GET /images?order=newest pages by mtime: an index, or every page sorts the whole table."""
+    plan = db.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM images ORDER BY mtime DESC, id DESC LIMIT 48"
+    ).fetchall()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "images_mtime" in details and "TEMP B-TREE" not in details
