@@ -178,6 +178,17 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         BodyLimit, max_bytes=settings.max_upload_bytes, timeout=settings.body_timeout_s
     )
 
+    add_error_handlers(app)
+    app.include_router(routes.router)
+    app.include_router(browse.router)
+    app.include_router(page.router)
+    app.include_router(dedupe.router)  # /duplicates, its review actions and page /review
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """One JSON shape for every error: {"error": kind, "detail": message}; never a traceback."""
+
     @app.exception_handler(LookalikeError)
     async def lookalike_error(request: Request, exc: LookalikeError):
         for cls, status, kind in STATUS:
@@ -211,12 +222,6 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     async def unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal", "internal error; see the server log")
-
-    app.include_router(routes.router)
-    app.include_router(browse.router)
-    app.include_router(page.router)
-    app.include_router(dedupe.router)  # /duplicates, its review actions and page /review
-    return app
 
 
 def app_from_env() -> FastAPI:
