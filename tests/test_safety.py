@@ -131,12 +131,17 @@ def test_a_retrain_cut_off_after_training_opens_and_finishes(store_copy, monkeyp
     with Store.open(store) as st:  # a new 8-d model, rows still of the old 16-d one
         assert st.dim == 8 and st.model_serial == 2
         assert len(st.index) == 0  # only the current model's rows are served
+        generation = st.db.generation
+    # that partial index was not saved: other services keep their complete old one until the
+    # run that re-embeds the rest saves the new one
+    assert not (store / f"index-{generation}.faiss").exists()
     report = index_folder(photos, store)
     assert report.reembedded == N
     with Store.open(store) as st:
         assert {s[4] for s in st.db.file_states().values()} == {2}
         assert len(st.index) == N
         assert st.info["dedupe_calibration"]["model_serial"] == 2  # calibrated after all
+        assert (store / f"index-{st.db.generation}.faiss").exists()
 
 
 # --------------------------------------------------------------------------- locks
