@@ -116,13 +116,22 @@ def test_a_changed_file_is_verified_again(three, described):
     assert after[(1, 2)] < verification.MIN_MATCHES <= before[(1, 2)]
 
 
-def test_a_reader_that_cannot_get_the_lock_still_gets_results(three, described):
+def test_a_reader_that_cannot_get_the_lock_still_gets_results(three, monkeypatch):
+    waits = []
+    writing = three.writing
+
+    def spy(timeout=None):
+        waits.append(timeout)
+        return writing(timeout)
+
+    monkeypatch.setattr(three, "writing", spy)
     other_process = filelock.FileLock(three.root / ".write.lock")  # its own file handle
     with other_process.acquire(timeout=0):
         verifier = verification.Verifier(three)
         got = verifier.count(PAIRS)
         assert verifier.saved == 0
         assert cached_rows(three) == 0
+    assert waits == [0]  # tried the lock once, without waiting
     assert got[(1, 2)] >= verification.MIN_MATCHES
     verifier = verification.Verifier(three)
     assert verifier.count(PAIRS) == got  # the lock is free now: computed again and saved
@@ -152,6 +161,14 @@ def test_parallel_counts_equal_serial_ones(tmp_path, monkeypatch):
     store.db.conn.execute("DELETE FROM verified_pairs")
     parallel = verification.Verifier(store, workers=4).count(pairs)
     assert parallel == serial
+    # with room for them, each photo is described once however small the chunks
+    monkeypatch.setattr(verification, "HELD_PHOTOS", 1000)
+    store.db.conn.execute("DELETE FROM verified_pairs")
+    calls = []
+    real = verification.describe
+    monkeypatch.setattr(verification, "describe", lambda data: calls.append(1) or real(data))
+    assert verification.Verifier(store, workers=4).count(pairs) == serial
+    assert len(calls) == len(images)
     records = store.db.get_many(ids)
     photos = tmp_path / "photos"
 
