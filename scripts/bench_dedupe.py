@@ -45,14 +45,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
-from lookalike.dedupe.grouping import (
-    PHASH_MAX,
-    UnionFind,
-    default_threshold,
-    find_groups,
-    hash_links,
-)
+from lookalike.dedupe.grouping import PHASH_MAX, default_threshold, find_groups
+from lookalike.dedupe.pairs import hash_links
 from lookalike.index.meta import ImageRecord
 from lookalike.store import Store
 
@@ -85,13 +82,24 @@ def phash_groups(files: list[Path], max_distance: int = 10) -> list[list[str]]:
 
     bits = np.array([imagehash.phash(Image.open(f)).hash.ravel() for f in files], dtype=bool)
     packed = np.packbits(bits, axis=1)  # (n, 8) uint8
-    uf = UnionFind(len(files))
     table = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)
+    a, b = [], []
     for i in range(len(files)):
         dist = table[packed[i] ^ packed[i + 1 :]].sum(1)
         for j in np.nonzero(dist <= max_distance)[0]:
-            uf.union(i, i + 1 + int(j))
-    return [[files[i].name for i in comp] for comp in uf.components()]
+            a.append(i)
+            b.append(i + 1 + int(j))
+    return [[files[i].name for i in comp] for comp in components(len(files), a, b)]
+
+
+def components(n: int, a, b) -> list[list[int]]:
+    """Connected components (of two or more) of n items joined by the pairs (a[k], b[k])."""
+    graph = coo_array((np.ones(len(a)), (np.asarray(a), np.asarray(b))), shape=(n, n))
+    labels = connected_components(graph, directed=False)[1]
+    comps: dict[int, list[int]] = {}
+    for i, label in enumerate(labels.tolist()):
+        comps.setdefault(label, []).append(i)
+    return [c for c in comps.values() if len(c) > 1]
 
 
 def model_groups(store: Store, threshold: float, phash_max: int | None) -> list[list[str]]:
@@ -103,10 +111,8 @@ def stored_phash_groups(store: Store, max_distance: int = PHASH_MAX) -> list[lis
     """Components of the store's own pHashes (from the decoded pixels) alone."""
     ids, hashes = store.db.phashes()
     names = {rec.id: Path(rec.path).name for rec in store.db.records()}
-    uf = UnionFind(len(ids))
-    for a, b in zip(*(x.tolist() for x in hash_links(hashes, max_distance))):
-        uf.union(a, b)
-    return [[names[int(ids[i])] for i in comp] for comp in uf.components()]
+    comps = components(len(ids), *hash_links(hashes, max_distance))
+    return [[names[int(ids[i])] for i in comp] for comp in comps]
 
 
 def quality(args: argparse.Namespace) -> None:
