@@ -312,7 +312,7 @@ def _slice_worker(root: str, todo: list, paths: dict) -> int:
     return len(calls)
 
 
-def verify_once(root: str, mode: str) -> None:
+def verify_once(root: str, mode: str, limit: int | None = None) -> None:
     """Child process: match every pair dedupe verifies, cold (no cache), with mode
     'threads:N' or 'processes:N'; print JSON facts."""
     from concurrent.futures import ProcessPoolExecutor
@@ -324,6 +324,7 @@ def verify_once(root: str, mode: str) -> None:
     store = Store.open(root)
     _ = store.index
     todo, paths = _content_pairs(store)
+    todo = todo[:limit]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu0 = usage.ru_utime + usage.ru_stime
     started = time.perf_counter()
@@ -373,7 +374,7 @@ def verify(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         for mode in args.modes:
             out = subprocess.run(
-                [sys.executable, __file__, "_verify", str(args.store), mode],
+                [sys.executable, __file__, "_verify", str(args.store), mode, str(args.limit)],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -400,9 +401,11 @@ def main() -> None:
     v.add_argument("--store", required=True, type=Path)
     v.add_argument("--modes", nargs="+", default=["threads:1", "threads:2", "processes:2"])
     v.add_argument("--repeats", type=int, default=2)
+    v.add_argument("--limit", type=int, default=0, help="the first N pairs only (0: all)")
     vo = sub.add_parser("_verify")
     vo.add_argument("root")
     vo.add_argument("mode")
+    vo.add_argument("limit", type=int)
     g = sub.add_parser("_group")
     g.add_argument("root")
     g.add_argument("threshold", type=float)
@@ -414,7 +417,7 @@ def main() -> None:
     elif args.cmd == "verify":
         verify(args)
     elif args.cmd == "_verify":
-        verify_once(args.root, args.mode)
+        verify_once(args.root, args.mode, args.limit or None)
     else:
         group_once(args.root, args.threshold)
 
