@@ -345,22 +345,18 @@ class MetaDB:
         self, pairs: Iterable[tuple[str, str]], version: str
     ) -> dict[tuple[str, str], int]:
         """The cached inliers of the (sha_a <= sha_b) pairs that have them, for this version."""
-        pairs = list(pairs)
+        # one primary-key lookup a pair: a row-value IN (VALUES ...) list scans the table
+        query = "SELECT inliers FROM verified_pairs WHERE sha_a = ? AND sha_b = ? AND version = ?"
         out: dict[tuple[str, str], int] = {}
-        for start in range(0, len(pairs), 400):  # 2 parameters a pair, under SQLite's limit
-            chunk = pairs[start : start + 400]
-            values = ",".join(["(?, ?)"] * len(chunk))
-            try:
-                rows = self.conn.execute(
-                    "SELECT sha_a, sha_b, inliers FROM verified_pairs WHERE version = ?"
-                    f" AND (sha_a, sha_b) IN (VALUES {values})",
-                    (version, *(x for p in chunk for x in p)),
-                ).fetchall()
-            except sqlite3.OperationalError as exc:  # a read-only store of an older version
-                if "no such table" in str(exc):
-                    return {}
-                raise
-            out.update(((a, b), n) for a, b, n in rows)
+        try:
+            for a, b in pairs:
+                row = self.conn.execute(query, (a, b, version)).fetchone()
+                if row is not None:
+                    out[(a, b)] = row[0]
+        except sqlite3.OperationalError as exc:  # a read-only store of an older version
+            if "no such table" in str(exc):
+                return {}
+            raise
         return out
 
     def put_verified(
