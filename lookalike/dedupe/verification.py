@@ -186,6 +186,7 @@ class Verifier:
             log.info("verification cache not saved this time: %s", exc)
             return rows
         self.saved += len(rows)
+        log.info("verification cache: %d pair counts saved", len(rows))
         return []
 
 
