@@ -46,16 +46,16 @@ def record(photos, name: str, img: Image.Image) -> ImageRecord:
     return ImageRecord(0, name, path.stat().st_size, 1.0, sha, img.width, img.height)
 
 
-def make_store(tmp_path, images: dict[str, Image.Image]) -> Store:
-    """A store whose rows are the given photos, with arbitrary unit vectors."""
+def make_store(tmp_path, images: dict[str, Image.Image], vectors=None) -> Store:
+    """A store whose rows are the given photos, with the given (or arbitrary) unit vectors."""
     photos = tmp_path / "photos"
     photos.mkdir(exist_ok=True)
     store = Store.open(tmp_path / "store", create=True, photos=photos)
     store.info["embedding_dim"] = DIM
     rng = np.random.default_rng(0)
+    vectors = vectors if vectors is not None else rng.normal(size=(len(images), DIM))
     rows = []
-    for name, img in images.items():
-        v = rng.normal(size=DIM).astype(np.float32)
+    for (name, img), v in zip(images.items(), np.asarray(vectors, np.float32)):
         rows.append((record(photos, name, img), v / np.linalg.norm(v)))
     store.db.write(rows)
     store.rebuild_index("flat")
@@ -136,6 +136,24 @@ def test_a_reader_that_cannot_get_the_lock_still_gets_results(three, monkeypatch
     verifier = verification.Verifier(three)
     assert verifier.count(PAIRS) == got  # the lock is free now: computed again and saved
     assert verifier.saved == 3 and cached_rows(three) == 3
+
+
+def test_duplicates_answers_while_another_process_writes(tmp_path):
+    """GET /duplicates' function: the crop (cosine 0.8, under the threshold) is joined by
+    verified features though the writer lock is held elsewhere; nothing is cached then."""
+    from lookalike.dedupe.grouping import duplicates
+
+    a = textured(1)
+    images = {"a.jpg": a, "a_crop.jpg": crop(a), "b.jpg": textured(2)}
+    store = make_store(tmp_path, images, [[1, 0, 0, 0], [0.8, 0.6, 0, 0], [0, 0, 1, 0]])
+    with filelock.FileLock(store.root / ".write.lock").acquire(timeout=0):
+        got = duplicates(store, threshold=0.95)
+        assert cached_rows(store) == 0
+    (group,) = got["groups"]
+    assert [m["path"] for m in group["members"]] == ["a.jpg", "a_crop.jpg"]
+    assert group["members"][1]["link"] == "verified"
+    assert duplicates(store, threshold=0.95) == got  # the lock is free: computed and saved
+    assert cached_rows(store) == 1
 
 
 def test_a_file_whose_bytes_are_not_its_rows_sha_is_not_cached(three):
