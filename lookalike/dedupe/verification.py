@@ -149,25 +149,22 @@ class Verifier:
         with ThreadPoolExecutor(self.workers) as pool:
             for start in range(0, len(order), CHUNK_PAIRS):
                 chunk = order[start : start + CHUNK_PAIRS]
-                need = sorted({s for p in chunk for s in p} - held.keys())
-                paths_needed = [self.store.file_path(paths[s]) for s in need]
-                for s, got in zip(need, pool.map(_photo, paths_needed, need)):
-                    held[s] = got
-                for s in {s for p in chunk for s in p}:
+                used = {s for p in chunk for s in p}
+                need = sorted(used - held.keys())
+                files = [self.store.file_path(paths[s]) for s in need]
+                held.update(zip(need, pool.map(_photo, files, need)))
+                for s in sorted(used):
                     held.move_to_end(s)
                 found = pool.map(lambda p: matches(held[p[0]][0], held[p[1]][0]), chunk)
                 for (a, b), n in zip(chunk, found):
                     out[(a, b)] = n
                     if held[a][1] and held[b][1]:
                         pending.append((a, b, n))
-                for s in {s for p in chunk for s in p}:
-                    if last[s] < start + len(chunk):
-                        del held[s]  # no later pair needs it
-                while len(held) > HELD_PHOTOS:
-                    held.popitem(last=False)  # read again if a later pair needs it
+                _free(held, used, last, start + len(chunk))
                 if len(pending) >= SAVE_EVERY:
                     pending = self._save(pending)
-        self._save(pending)
+        left = self._save(pending)  # a busy lock now: these counts are computed again next run
+        self.skipped += len(left)
         return out
 
     def _save(self, rows: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
@@ -178,7 +175,7 @@ class Verifier:
         db = self.store.db
         if db.readonly or db.conn.in_transaction:
             self.skipped += len(rows)
-            return []
+            return []  # not now, nor later in this run
         try:
             with self.store.writing(timeout=0):
                 db.put_verified(rows, VERSION, prune=not self.saved)
@@ -188,6 +185,16 @@ class Verifier:
         self.saved += len(rows)
         log.info("verification cache: %d pair counts saved", len(rows))
         return []
+
+
+def _free(held: OrderedDict, used: set[str], last: dict[str, int], done: int) -> None:
+    """Drop the features no pair after the first `done` needs, then the least recently used
+    beyond HELD_PHOTOS (read again if a later pair needs them)."""
+    for s in used:
+        if last[s] < done:
+            del held[s]
+    while len(held) > HELD_PHOTOS:
+        held.popitem(last=False)
 
 
 def _key(a: str, b: str) -> tuple[str, str]:
