@@ -19,6 +19,14 @@ Scale (synthetic unit vectors with planted near-duplicate clusters, no TensorFlo
 builds one store per size, then times ``find_groups`` in fresh processes and reports the
 median time and the peak resident memory of the process (and what an n x n float32 matrix
 would need).
+
+Verification (a trained, indexed store; cold: the cache is neither read nor written):
+
+    python scripts/bench_dedupe.py verify --store S10k --modes threads:1 threads:2 processes:2
+
+matches every candidate pair dedupe verifies at the store's defaults once per mode, each run in
+a fresh process, modes interleaved; prints wall and CPU seconds, peak RSS and the photos
+described (each once with threads; processes re-read the photos two slices share).
 """
 
 from __future__ import annotations
@@ -37,14 +45,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
-from lookalike.dedupe.grouping import (
-    PHASH_MAX,
-    UnionFind,
-    default_threshold,
-    find_groups,
-    hash_links,
-)
+from lookalike.dedupe.grouping import PHASH_MAX, default_threshold, find_groups
+from lookalike.dedupe.pairs import hash_links
 from lookalike.index.meta import ImageRecord
 from lookalike.store import Store
 
@@ -77,13 +82,24 @@ def phash_groups(files: list[Path], max_distance: int = 10) -> list[list[str]]:
 
     bits = np.array([imagehash.phash(Image.open(f)).hash.ravel() for f in files], dtype=bool)
     packed = np.packbits(bits, axis=1)  # (n, 8) uint8
-    uf = UnionFind(len(files))
     table = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)
+    a, b = [], []
     for i in range(len(files)):
         dist = table[packed[i] ^ packed[i + 1 :]].sum(1)
         for j in np.nonzero(dist <= max_distance)[0]:
-            uf.union(i, i + 1 + int(j))
-    return [[files[i].name for i in comp] for comp in uf.components()]
+            a.append(i)
+            b.append(i + 1 + int(j))
+    return [[files[i].name for i in comp] for comp in components(len(files), a, b)]
+
+
+def components(n: int, a, b) -> list[list[int]]:
+    """Connected components (of two or more) of n items joined by the pairs (a[k], b[k])."""
+    graph = coo_array((np.ones(len(a)), (np.asarray(a), np.asarray(b))), shape=(n, n))
+    labels = connected_components(graph, directed=False)[1]
+    comps: dict[int, list[int]] = {}
+    for i, label in enumerate(labels.tolist()):
+        comps.setdefault(label, []).append(i)
+    return [c for c in comps.values() if len(c) > 1]
 
 
 def model_groups(store: Store, threshold: float, phash_max: int | None) -> list[list[str]]:
@@ -95,10 +111,8 @@ def stored_phash_groups(store: Store, max_distance: int = PHASH_MAX) -> list[lis
     """Components of the store's own pHashes (from the decoded pixels) alone."""
     ids, hashes = store.db.phashes()
     names = {rec.id: Path(rec.path).name for rec in store.db.records()}
-    uf = UnionFind(len(ids))
-    for a, b in zip(*(x.tolist() for x in hash_links(hashes, max_distance))):
-        uf.union(a, b)
-    return [[names[int(ids[i])] for i in comp] for comp in uf.components()]
+    comps = components(len(ids), *hash_links(hashes, max_distance))
+    return [[names[int(ids[i])] for i in comp] for comp in comps]
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -269,6 +283,107 @@ def scale(args: argparse.Namespace) -> None:
             )
 
 
+# -- verification: threads vs processes, cold, on a real store --------------------------------
+def _content_pairs(store: Store) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The (sha_a <= sha_b) pairs dedupe verifies at the store's defaults, in the verifier's
+    order, and a path of each content."""
+    from lookalike.dedupe.grouping import BAND
+    from lookalike.dedupe.verification import _key, _local_order, candidates
+
+    pairs = candidates(store, default_threshold(store) + BAND)
+    records = store.db.get_many({i for p in pairs for i in p})
+    keys = {_key(records[a].sha256, records[b].sha256) for a, b in pairs}
+    paths = {r.sha256: r.path for r in sorted(records.values(), key=lambda r: -r.id)}
+    return _local_order(sorted(keys)), paths
+
+
+def _slice_worker(root: str, todo: list, paths: dict) -> int:
+    """Process-pool worker: match a slice of pairs with one thread, save nothing; returns
+    the photos it described."""
+    from lookalike.dedupe import verification
+
+    calls = []
+    real = verification.describe
+    verification.describe = lambda data: calls.append(1) or real(data)
+    with Store.open(root) as store:
+        verifier = verification.Verifier(store, workers=1)
+        verifier._save = lambda rows: []
+        verifier._match(todo, paths)
+    return len(calls)
+
+
+def verify_once(root: str, mode: str, limit: int | None = None) -> None:
+    """Child process: match every pair dedupe verifies, cold (no cache), with mode
+    'threads:N' or 'processes:N'; print JSON facts."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lookalike.dedupe import verification
+
+    kind, workers = mode.split(":")
+    workers = int(workers)
+    store = Store.open(root)
+    _ = store.index
+    todo, paths = _content_pairs(store)
+    todo = todo[:limit]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
+    started = time.perf_counter()
+    if kind == "threads":
+        calls = []
+        real = verification.describe
+        verification.describe = lambda data: calls.append(1) or real(data)
+        verifier = verification.Verifier(store, workers=workers)
+        verifier._save = lambda rows: []
+        verifier._match(todo, paths)
+        described = len(calls)
+    else:  # contiguous slices of the local order: photos shared by two slices are read twice
+        step = -(-len(todo) // workers)
+        with ProcessPoolExecutor(workers) as pool:
+            done = pool.map(
+                _slice_worker,
+                [root] * workers,
+                [todo[i : i + step] for i in range(0, len(todo), step)],
+                [paths] * workers,
+            )
+            described = sum(done)
+    seconds = time.perf_counter() - started
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime - cpu0 + kids.ru_utime + kids.ru_stime
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "pairs": len(todo),
+                "photos": len({s for p in todo for s in p}),
+                "described": described,
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "rss_peak_mb": own.ru_maxrss / 1024,
+                "children_rss_peak_mb": kids.ru_maxrss / 1024,
+            }
+        )
+    )
+
+
+def verify(args: argparse.Namespace) -> None:
+    print(
+        f"verification of every pair dedupe verifies on {args.store}, cold (cache not read or "
+        f"written), each run in a fresh process, modes interleaved; {os.cpu_count()} CPUs"
+    )
+    for _ in range(args.repeats):
+        for mode in args.modes:
+            out = subprocess.run(
+                [sys.executable, __file__, "_verify", str(args.store), mode, str(args.limit)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            facts = json.loads(out.strip().splitlines()[-1])
+            facts["load"] = round(os.getloadavg()[0], 1)
+            print(json.dumps(facts), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -282,6 +397,15 @@ def main() -> None:
     s.add_argument("--dim", type=int, default=128)
     s.add_argument("--threshold", type=float, default=0.85)
     s.add_argument("--repeats", type=int, default=3)
+    v = sub.add_parser("verify", help="cold verification time: threads vs processes")
+    v.add_argument("--store", required=True, type=Path)
+    v.add_argument("--modes", nargs="+", default=["threads:1", "threads:2", "processes:2"])
+    v.add_argument("--repeats", type=int, default=2)
+    v.add_argument("--limit", type=int, default=0, help="the first N pairs only (0: all)")
+    vo = sub.add_parser("_verify")
+    vo.add_argument("root")
+    vo.add_argument("mode")
+    vo.add_argument("limit", type=int)
     g = sub.add_parser("_group")
     g.add_argument("root")
     g.add_argument("threshold", type=float)
@@ -290,6 +414,10 @@ def main() -> None:
         quality(args)
     elif args.cmd == "scale":
         scale(args)
+    elif args.cmd == "verify":
+        verify(args)
+    elif args.cmd == "_verify":
+        verify_once(args.root, args.mode, args.limit or None)
     else:
         group_once(args.root, args.threshold)
 

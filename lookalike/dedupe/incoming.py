@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import StoreNotFoundError
 from ..images import FailedImage, find_images, iter_batches, phash64
-from .grouping import PHASH_MAX, check_phash_max, check_threshold, popcount
+from .pairs import PHASH_MAX, check_phash_max, check_threshold, popcount
 
 if TYPE_CHECKING:
     from ..engine import Engine

@@ -15,11 +15,17 @@ only, when verification runs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from collections import OrderedDict, deque
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..errors import StoreBusyError, StoreWriteError
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -37,6 +43,13 @@ MIN_MATCHES = 40  # inliers that verify a pair
 STRICT_MATCHES = 64
 NEIGHBOURS = 5  # candidates per photo: its nearest others under the threshold
 FLOOR = 0.5  # candidates score at least this cosine
+# The cache key of a pair's inliers: changing any setting above that shapes the count makes
+# every cached count stale (MIN_MATCHES and STRICT_MATCHES only judge counts: not in it)
+VERSION = f"orb1/side{WORK_SIDE}/n{FEATURES}/ratio{RATIO}/px{REPROJECTION}"
+WORKERS = os.cpu_count() or 1  # threads: OpenCV releases the GIL while it decodes and matches
+CHUNK_PAIRS = 512  # pairs matched per step: the photos they need are described first
+HELD_PHOTOS = 4096  # features held at most (~20 kB each); a photo dropped is read again
+SAVE_EVERY = 20_000  # cached counts written per transaction (a killed run keeps its batches)
 
 
 def _cv2():
@@ -45,10 +58,19 @@ def _cv2():
     return cv2
 
 
-def features(path) -> tuple[Any, Any] | None:
-    """(keypoints, descriptors) of one file at WORK_SIDE, or None if unreadable or bare."""
+def _read(path) -> tuple[np.ndarray, str | None]:
+    """A file's bytes ((m,) uint8; empty if unreadable) and their sha256 (None if unreadable)."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return np.zeros(0, np.uint8), None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def describe(data: np.ndarray) -> tuple[Any, Any] | None:
+    """(points (k, 2) float32, descriptors (k, 32) uint8) of encoded image bytes at
+    WORK_SIDE, or None if undecodable or bare: the ORB work a cache hit saves."""
     cv2 = _cv2()
-    data = np.fromfile(str(path), dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_REDUCED_GRAYSCALE_2) if data.size else None
     if img is not None and max(img.shape) < WORK_SIDE:
         img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
@@ -61,6 +83,11 @@ def features(path) -> tuple[Any, Any] | None:
     if desc is None or len(kps) < 5:
         return None
     return np.float32([k.pt for k in kps]), desc
+
+
+def features(path) -> tuple[Any, Any] | None:
+    """(keypoints, descriptors) of one file at WORK_SIDE, or None if unreadable or bare."""
+    return describe(_read(path)[0])
 
 
 def matches(a: tuple | None, b: tuple | None) -> int:
@@ -82,28 +109,129 @@ def matches(a: tuple | None, b: tuple | None) -> int:
 
 
 class Verifier:
-    """Matches pairs of stored photos, each photo's features computed once."""
+    """Counts the inliers of pairs of stored photos: cached in the store by content (the two
+    sha256), the rest matched on `workers` threads, each photo's features computed once."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, workers: int | None = None):
         self.store = store
-        self._features: dict[int, Any] = {}
-
-    def _of(self, image_id: int, path: str):
-        if image_id not in self._features:
-            self._features[image_id] = features(self.store.file_path(path))
-        return self._features[image_id]
+        self.workers = workers or WORKERS
+        self.saved = 0  # cache rows written by this verifier
+        self.skipped = 0  # cache rows not written: the writer lock was busy, or read-only
 
     def count(self, pairs: Iterable[tuple[int, int]]) -> dict[tuple[int, int], int]:
         """Inliers of each pair of ids (unknown ids: 0)."""
         pairs = list(pairs)
         records = self.store.db.get_many({i for p in pairs for i in p})
-        out = {}
-        for a, b in pairs:
-            if a in records and b in records:
-                out[(a, b)] = matches(self._of(a, records[a].path), self._of(b, records[b].path))
-            else:
-                out[(a, b)] = 0
+        keys = {
+            p: _key(records[p[0]].sha256, records[p[1]].sha256)
+            for p in pairs
+            if p[0] in records and p[1] in records
+        }
+        wanted = sorted(set(keys.values()))
+        known = self.store.db.verified_inliers(wanted, VERSION)
+        # each content is read from the file of its smallest id
+        paths = {r.sha256: r.path for r in sorted(records.values(), key=lambda r: -r.id)}
+        todo = [k for k in wanted if k not in known]
+        if todo:
+            known.update(self._match(todo, paths))
+        log.info("verification: %d pairs, %d of them cached", len(wanted), len(wanted) - len(todo))
+        return {p: known.get(keys[p], 0) if p in keys else 0 for p in pairs}
+
+    def _match(self, todo: list[tuple[str, str]], paths: dict[str, str]) -> dict:
+        """Inliers of each pair of contents, matched in chunks; each chunk's results are saved
+        when the writer lock is free (a file whose bytes are not its row's sha256 is matched
+        but not saved)."""
+        order = _local_order(todo)
+        last = {s: n for n, pair in enumerate(order) for s in pair}  # last use of each photo
+        held: OrderedDict[str, tuple] = OrderedDict()  # sha -> (features, bytes match sha)
+        out: dict[tuple[str, str], int] = {}
+        pending: list[tuple[str, str, int]] = []
+        with ThreadPoolExecutor(self.workers) as pool:
+            for start in range(0, len(order), CHUNK_PAIRS):
+                chunk = order[start : start + CHUNK_PAIRS]
+                used = {s for p in chunk for s in p}
+                need = sorted(used - held.keys())
+                files = [self.store.file_path(paths[s]) for s in need]
+                held.update(zip(need, pool.map(_photo, files, need)))
+                for s in sorted(used):
+                    held.move_to_end(s)
+                found = pool.map(lambda p: matches(held[p[0]][0], held[p[1]][0]), chunk)
+                for (a, b), n in zip(chunk, found):
+                    out[(a, b)] = n
+                    if held[a][1] and held[b][1]:
+                        pending.append((a, b, n))
+                _free(held, used, last, start + len(chunk))
+                if len(pending) >= SAVE_EVERY:
+                    pending = self._save(pending)
+        left = self._save(pending)  # a busy lock now: these counts are computed again next run
+        self.skipped += len(left)
         return out
+
+    def _save(self, rows: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+        """Write rows to the store's cache if the writer lock is free now (never waits);
+        returns the rows left unsaved (to try again with the next batch)."""
+        if not rows:
+            return rows
+        db = self.store.db
+        if db.readonly or db.conn.in_transaction:
+            self.skipped += len(rows)
+            return []  # not now, nor later in this run
+        try:
+            with self.store.writing(timeout=0):
+                db.put_verified(rows, VERSION, prune=not self.saved)
+        except (StoreBusyError, StoreWriteError) as exc:
+            log.info("verification cache not saved this time: %s", exc)
+            return rows
+        self.saved += len(rows)
+        log.info("verification cache: %d pair counts saved", len(rows))
+        return []
+
+
+def _free(held: OrderedDict, used: set[str], last: dict[str, int], done: int) -> None:
+    """Drop the features no pair after the first `done` needs, then the least recently used
+    beyond HELD_PHOTOS (read again if a later pair needs them)."""
+    for s in used:
+        if last[s] < done:
+            del held[s]
+    while len(held) > HELD_PHOTOS:
+        held.popitem(last=False)
+
+
+def _key(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)
+
+
+def _photo(path, sha256: str) -> tuple[tuple | None, bool]:
+    """(features of a file, whether its bytes still are the table's sha256)."""
+    data, digest = _read(path)
+    return describe(data), digest == sha256
+
+
+def _local_order(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The pairs in breadth-first order of the photos they join, so that a photo's pairs come
+    close together and its features can be freed soon (a bounded live set on a graph of
+    near neighbours); deterministic."""
+    adjacent: dict[str, list[str]] = {}
+    for a, b in pairs:
+        adjacent.setdefault(a, []).append(b)
+        adjacent.setdefault(b, []).append(a)
+    position: dict[str, int] = {}
+    for root in sorted(adjacent):
+        if root in position:
+            continue
+        position[root] = len(position)
+        queue = deque([root])
+        while queue:
+            for other in sorted(adjacent[queue.popleft()]):
+                if other not in position:
+                    position[other] = len(position)
+                    queue.append(other)
+
+    def key(pair: tuple[str, str]) -> tuple[int, int]:
+        a, b = position[pair[0]], position[pair[1]]
+        return max(a, b), min(a, b)
+
+    return sorted(pairs, key=key)
 
 
 def candidates(

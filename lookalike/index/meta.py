@@ -42,6 +42,14 @@ CREATE TABLE IF NOT EXISTS removed_labels (
     labels  TEXT NOT NULL,
     removed REAL NOT NULL                         -- seconds since the epoch
 );
+-- dedupe's local-feature verification, by content: a changed file has a new sha256
+CREATE TABLE IF NOT EXISTS verified_pairs (
+    sha_a   TEXT NOT NULL,                        -- sha_a <= sha_b
+    sha_b   TEXT NOT NULL,
+    version TEXT NOT NULL,                        -- the verifier's settings (verification.VERSION)
+    inliers INTEGER NOT NULL,
+    PRIMARY KEY (sha_a, sha_b, version)
+) WITHOUT ROWID;
 """
 STATE_PREFIX = "state."  # meta keys holding the store's state (JSON values)
 
@@ -333,6 +341,42 @@ class MetaDB:
             ids = np.array([r[0] for r in good], dtype=np.int64)
             vecs = np.frombuffer(b"".join(r[1] for r in good), dtype="<f4").reshape(-1, dim)
             yield ids, vecs.astype(np.float32)
+
+    # -- dedupe's verification cache (no generation bump: the index does not depend on it) ---
+    def verified_inliers(
+        self, pairs: Iterable[tuple[str, str]], version: str
+    ) -> dict[tuple[str, str], int]:
+        """The cached inliers of the (sha_a <= sha_b) pairs that have them, for this version."""
+        # one primary-key lookup a pair: a row-value IN (VALUES ...) list scans the table
+        query = "SELECT inliers FROM verified_pairs WHERE sha_a = ? AND sha_b = ? AND version = ?"
+        out: dict[tuple[str, str], int] = {}
+        try:
+            for a, b in pairs:
+                row = self.conn.execute(query, (a, b, version)).fetchone()
+                if row is not None:
+                    out[(a, b)] = row[0]
+        except sqlite3.OperationalError as exc:  # a read-only store of an older version
+            if "no such table" in str(exc):
+                return {}
+            raise
+        return out
+
+    def put_verified(
+        self, rows: Iterable[tuple[str, str, int]], version: str, prune: bool = False
+    ) -> None:
+        """Store (sha_a <= sha_b, inliers) rows in one transaction; with prune, also drop the
+        rows of other versions and of contents no row of the table has any more."""
+        with self.transaction() as cur:
+            cur.executemany(
+                "INSERT OR REPLACE INTO verified_pairs VALUES (?, ?, ?, ?)",
+                [(a, b, version, int(n)) for a, b, n in rows],
+            )
+            if prune:
+                cur.execute("DELETE FROM verified_pairs WHERE version != ?", (version,))
+                cur.execute(
+                    "DELETE FROM verified_pairs WHERE sha_a NOT IN (SELECT sha256 FROM images)"
+                    " OR sha_b NOT IN (SELECT sha256 FROM images)"
+                )
 
     def count(self, model: int | None = None) -> int:
         """Rows in all, or rows embedded by one model."""

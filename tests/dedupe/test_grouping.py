@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
 from lookalike.dedupe import grouping as dedupe
+from lookalike.dedupe import pairs as evidence
 from lookalike.dedupe.grouping import (
     FALLBACK_THRESHOLD,
     PHASH_MAX,
-    UnionFind,
     default_threshold,
     find_groups,
-    group_ids,
     groups_to_dict,
-    hash_links,
-    hash_pairs,
-    popcount,
 )
+from lookalike.dedupe.pairs import cosine_pairs, hash_links, hash_pairs, popcount
 from lookalike.errors import InvalidArgumentError
 from lookalike.index.knn import KnnIndex
 from lookalike.index.meta import ImageRecord
@@ -209,7 +208,7 @@ def test_groups_to_dict_shape(tmp_path, basis):
     }
 
 
-def test_small_query_chunks_give_the_same_components(monkeypatch):
+def test_small_query_chunks_give_the_same_pairs(monkeypatch):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((200, DIM)).astype(np.float32)
     x[100:150] = x[:50] + 0.05 * rng.standard_normal((50, DIM)).astype(np.float32)
@@ -220,11 +219,11 @@ def test_small_query_chunks_give_the_same_components(monkeypatch):
     def chunks(size):
         return ((ids[s : s + size], x[s : s + size]) for s in range(0, len(ids), size))
 
-    whole = group_ids(index, ids, chunks(1000), 0.95)
-    monkeypatch.setattr(dedupe, "QUERY_CHUNK", 7)
-    assert group_ids(index, ids, chunks(13), 0.95) == whole
-    assert all(c == sorted(c) for c in whole) and whole == sorted(whole)
-    assert [10 + i for i in range(50)] == sorted(c[0] for c in whole if c[0] < 60)[:50]
+    whole = cosine_pairs(index, chunks(1000), 0.95)
+    monkeypatch.setattr(evidence, "QUERY_CHUNK", 7)
+    assert cosine_pairs(index, chunks(13), 0.95) == whole
+    assert all(a < b for a, b in whole)
+    assert {(10 + i, 110 + i) for i in range(50)} <= whole  # the planted copies
 
 
 def test_ivf_index_finds_the_planted_clusters_too():
@@ -236,18 +235,10 @@ def test_ivf_index_finds_the_planted_clusters_too():
     ids = np.arange(n, dtype=np.int64)
     flat = KnnIndex.build(d, "flat", x, ids)
     ivf = KnnIndex.build(d, "ivf", x, ids)
-    exact = group_ids(flat, ids, [(ids, x)], 0.9)
-    approx = group_ids(ivf, ids, [(ids, x)], 0.9)
-    assert len(exact) == 300
-    assert len(set(map(tuple, approx)) & set(map(tuple, exact))) >= 0.95 * len(exact)
-
-
-def test_union_find_components():
-    uf = UnionFind(6)
-    uf.union(4, 1)
-    uf.union(1, 5)
-    uf.union(2, 3)
-    assert uf.components() == [[1, 4, 5], [2, 3]]
+    exact = cosine_pairs(flat, [(ids, x)], 0.9)
+    approx = cosine_pairs(ivf, [(ids, x)], 0.9)
+    assert exact == {(i, 2000 + i) for i in range(300)}
+    assert len(approx & exact) >= 0.95 * len(exact)
 
 
 # -- pHash evidence ----------------------------------------------------------------------------
@@ -269,7 +260,7 @@ def test_close_phashes_join_photos_under_the_threshold_above_a_cosine_floor(tmp_
         ("d.jpg", basis[3], {}),  # no pHash (an old row): cosine only
     ]
     store = make_store(tmp_path, items)
-    assert max(dedupe.PHASH_COS_FLOOR, 0.9 - dedupe.PHASH_BELOW) < 0.87 < 0.9
+    assert max(dedupe.PHASH_COS_FLOOR, 0.9 - evidence.PHASH_BELOW) < 0.87 < 0.9
     (group,) = find_groups(store, 0.9, keep="shortest-path")
     # e is 3 bits from a but the embedding calls it a different photo: pHash alone never joins
     assert [m.path for m in group.members] == ["a.jpg", "b.jpg"]
@@ -310,7 +301,7 @@ def test_banded_hash_search_equals_brute_force(max_distance, monkeypatch):
     h = planted_hashes(rng, 600, max_distance + 4)
     expected = brute_pairs(h, max_distance)
     assert len(expected) > 50  # the planted pairs are there, on both sides of the limit
-    monkeypatch.setattr(dedupe, "PROBES_PER_CHUNK", 1000)  # many small steps, same answer
+    monkeypatch.setattr(evidence, "PROBES_PER_CHUNK", 1000)  # many small steps, same answer
     i, j, dist = hash_pairs(h, max_distance)
     found = list(zip(i.tolist(), j.tolist()))
     assert len(found) == len(set(found))  # each pair once
@@ -322,10 +313,13 @@ def test_hash_links_join_the_same_components_as_all_close_pairs():
     rng = np.random.default_rng(5)
     h = planted_hashes(rng, 300, 14)
     h = np.concatenate([h, h[:40], h[:5]])  # equal hashes: exact copies, blank images
-    uf_links, uf_all = UnionFind(len(h)), UnionFind(len(h))
-    for a, b in zip(*(x.tolist() for x in hash_links(h, 10))):
-        uf_links.union(a, b)
-    for a, b in brute_pairs(h, 10):
-        uf_all.union(a, b)
-    assert uf_links.components() == uf_all.components()
+
+    def labels(a, b) -> np.ndarray:
+        graph = coo_array((np.ones(len(a)), (a, b)), shape=(len(h), len(h)))
+        return connected_components(graph, directed=False)[1]
+
+    all_a, all_b = (np.array(x, np.int64) for x in zip(*sorted(brute_pairs(h, 10))))
+    ours, every = labels(*hash_links(h, 10)), labels(all_a, all_b)
+    # the same partition: each component of one is one component of the other
+    assert len(set(zip(ours.tolist(), every.tolist()))) == len(set(ours)) == len(set(every))
     assert len(hash_links(np.zeros(0, np.uint64), 10)[0]) == 0

@@ -20,7 +20,10 @@ from lookalike.evaluation.run import TRANSFORMS, label_of
 ROOT = Path(__file__).resolve().parents[2]
 RETRIEVAL_KEYS = ["p@1", "p@10", "map@10", "knn_top1", "knn_top3"]
 LABEL_KEYS = ["label_p@3", "label_r@3", "label_micro_f1", "label_threshold"]  # issue 8
-NEARDUP_KEYS = ["recall@3", "mrr", "pair_precision", "pair_recall", "pair_f1", "recall@p0.95"]
+NEARDUP_KEYS = [
+    *("recall@3", "mrr", "pair_precision", "pair_recall", "pair_f1"),
+    *("recall@p0.95", "dedupe_recall@p0.95"),
+]
 METHODS = ["lookalike", "raw_pixels", "phash"]
 TINY_JSON = json.dumps(TINY.replace(epochs=2).to_dict())
 HAS_DEDUPE = importlib.util.find_spec("lookalike.dedupe.grouping") is not None
