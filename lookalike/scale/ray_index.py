@@ -32,6 +32,7 @@ from ..config import IndexOptions, ModelConfig, RayOptions
 from ..errors import InvalidArgumentError
 from ..images import FailedImage
 from ..index.meta import ImageRecord
+from ..photos import is_url
 from .shards import COLUMNS, ShardDir
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,20 @@ def pool_size(cpus: float, workers: int | None = None) -> tuple[int, float, int]
     return n, round(per_actor, 3), threads
 
 
+def _facts(location: str, listed: tuple[int, float]) -> tuple[int, float]:
+    """(size, mtime) of a file as the worker sees it; an object's as the driver listed it (a
+    request per object would only repeat what the listing said)."""
+    if is_url(location):
+        return listed
+    try:
+        st = os.stat(location)
+    except OSError:
+        return -1, -1.0
+    return st.st_size, st.st_mtime
+
+
 def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict:
-    """Ray Data stage 1 (tasks): read, hash, decode and pHash each file of a batch."""
+    """Ray Data stage 1 (tasks): read, hash, decode and pHash each file (or object) of a batch."""
     from ..images import _decode_or_fail, phash64
 
     paths = batch["path"]
@@ -130,17 +143,13 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> di
     pixels = np.zeros((n, size, size, 3), np.uint8)
     out: dict[str, list] = {name: [] for name in COLUMNS if name not in ("pos", "rel")}
     for i, path in enumerate(paths):
-        im = _decode_or_fail(Path(str(path)), size, max_pixels)
+        location = str(path)
+        im = _decode_or_fail(location if is_url(location) else Path(location), size, max_pixels)
+        fsize, mtime = _facts(location, (int(batch["size"][i]), float(batch["mtime"][i])))
         if isinstance(im, FailedImage):
-            try:
-                st = os.stat(str(path))
-                fsize, mtime = st.st_size, st.st_mtime
-            except OSError:
-                fsize, mtime = -1, -1.0
             values = (fsize, mtime, "", 0, 0, 0, im.error)
         else:
             pixels[i] = im.pixels
-            mtime = os.stat(str(path)).st_mtime
             values = (im.nbytes, mtime, im.sha256, im.width, im.height, phash64(im.pixels), "")
         for name, value in zip(
             ("size", "mtime", "sha256", "width", "height", "phash", "error"), values
@@ -183,7 +192,7 @@ def _model_files(store) -> dict[str, bytes]:
 
 def embed_on_ray(
     store,
-    photos: Path,
+    photos,
     plan,
     committer,
     cfg: ModelConfig,
@@ -197,18 +206,17 @@ def embed_on_ray(
     shards = ShardDir(store.root / "shards", store.model_serial, store.dim)
     # the files' current (size, mtime): a shard row counts only if its file is unchanged since
     current: dict[str, tuple[int, float]] = {}
-    items: list[tuple[int, str, str]] = []
+    items: list[tuple[int, str, str, int, float]] = []
     covered = shards.covered()
     for pos, path in enumerate(plan.todo):
-        rel = store.table_path(path, photos)
+        rel = store.table_path(path, photos.root)
         try:
-            st = path.stat()
-            key = (st.st_size, st.st_mtime)
+            key = photos.stat(path)
         except OSError:
             key = (-1, -1.0)
         current[rel] = key
         if (rel, *key) not in covered:
-            items.append((pos, rel, str(path)))
+            items.append((pos, rel, str(path), *key))
     total = len(plan.todo)
     resumed = total - len(items)
     committer.report.resumed = resumed
@@ -235,14 +243,9 @@ def embed_on_ray(
         import pyarrow as pa
 
         rows = max(opts.batch_size, min(BLOCK_ROWS, opts.shard_rows))
+        names = ("pos", "rel", "path", "size", "mtime")
         tables = [
-            pa.table(
-                {
-                    "pos": [i[0] for i in items[s : s + rows]],
-                    "rel": [i[1] for i in items[s : s + rows]],
-                    "path": [i[2] for i in items[s : s + rows]],
-                }
-            )
+            pa.table({name: [i[c] for i in items[s : s + rows]] for c, name in enumerate(names)})
             for s in range(0, len(items), rows)
         ]
         ds = ray.data.from_arrow(tables)
@@ -284,7 +287,7 @@ def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
 
-def _merge(shards: ShardDir, current, committer, photos: Path, progress) -> None:
+def _merge(shards: ShardDir, current, committer, photos, progress) -> None:
     """Write every still-valid shard row into the table, shard by shard (one transaction each)."""
     store = committer.store
     total = sum(1 for _ in shards.paths())
