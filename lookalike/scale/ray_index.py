@@ -134,6 +134,14 @@ def _facts(location: str, listed: tuple[int, float]) -> tuple[int, float]:
     return st.st_size, st.st_mtime
 
 
+def decode_cpus(per_actor: float) -> float:
+    """CPUs each decoding task asks for: DECODE_CPUS, or less where an actor of a fraction of a
+    CPU would leave too little beside it on a node (3 actors of 0.667 CPU on three 1-CPU nodes
+    leave 0.333 on each: decoding tasks of 0.5 would never be placed and the job would hang)."""
+    spare = 1.0 - per_actor % 1.0
+    return DECODE_CPUS if spare >= 1.0 else round(min(DECODE_CPUS, spare), 3)
+
+
 def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict:
     """Ray Data stage 1 (tasks): read, hash, decode and pHash each file (or object) of a batch."""
     from ..images import _decode_or_fail, phash64
@@ -174,6 +182,7 @@ class EmbedActor:
         cfg = ModelConfig.from_dict(json.loads(files["config.json"]))
         self.embedder = PortableEmbedder(files["embed.onnx"], cfg, threads=threads)
         self.dim = self.embedder.dim
+        self.node = ray.get_runtime_context().get_node_id()  # reported: where rows were embedded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["error"]) == ""
@@ -182,6 +191,7 @@ class EmbedActor:
             embedding[ok] = self.embedder(np.asarray(batch["pixels"])[ok])
         out = {name: batch[name] for name in COLUMNS}
         out["embedding"] = embedding
+        out["node"] = np.full(len(ok), self.node)
         return out
 
 
@@ -254,7 +264,7 @@ def embed_on_ray(
             fn_kwargs={"size": cfg.image_size, "max_pixels": options.max_pixels},
             batch_size=opts.batch_size,
             batch_format="numpy",
-            num_cpus=DECODE_CPUS,
+            num_cpus=decode_cpus(per_actor),
         )
         ds = ds.map_batches(
             EmbedActor,
@@ -267,7 +277,10 @@ def embed_on_ray(
         buffer: list[dict[str, np.ndarray]] = []
         buffered = 0
         done = resumed
+        nodes = committer.report.ray.setdefault("nodes", {})  # node id -> rows embedded there
         for batch in ds.iter_batches(batch_size=opts.batch_size, batch_format="numpy"):
+            for node, count in zip(*np.unique(np.asarray(batch["node"]), return_counts=True)):
+                nodes[str(node)] = nodes.get(str(node), 0) + int(count)
             buffer.append(batch)
             buffered += len(batch["pos"])
             done += len(batch["pos"])
