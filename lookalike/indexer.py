@@ -222,15 +222,16 @@ class Committer:
         """Write (record, vector, kind) rows and the touches triage collected, in one transaction."""
         touches, self._touches = self._touches, []
         if rows:
-            vectors = np.stack([v for _, v, _ in rows])
-            ids = self.store.db.write(
-                [(r, v) for r, v, _ in rows], touches=touches, model=self.serial
-            )
+            pairs = [(r, v) for r, v, _ in rows]
+            if all(k == "added" for _, _, k in rows):  # a first run: one executemany
+                ids = self.store.db.insert_new(pairs, touches=touches, model=self.serial)
+            else:
+                ids = self.store.db.write(pairs, touches=touches, model=self.serial)
             if self.index is not None:
                 replaced = [i for i, (_, _, k) in zip(ids, rows) if k != "added"]
                 with self.store.lock:
                     self.index.remove(np.array(replaced))  # replaced rows keep their id
-                    self.index.add(vectors, np.array(ids))
+                    self.index.add(np.stack([v for _, v, _ in rows]), np.array(ids))
             for _, _, k in rows:
                 if k == "added":
                     self.report.added += 1

@@ -292,55 +292,84 @@ def embed_on_ray(
             shards.write(_concat(buffer))
         committer.report.embed_seconds = time.perf_counter() - started
 
-    _merge(shards, current, committer, photos, progress)
+    with _merge_cache(store.db.conn):
+        _merge(shards, current, committer, photos, progress)
     shards.clear()
+
+
+@contextmanager
+def _merge_cache(conn, mb: int = 256):
+    """SQLite settings for a merge of millions of rows: a larger page cache (the sha256 and path
+    indexes take random inserts, which thrash the default 2 MB) and fewer WAL checkpoints (each
+    one copies every page changed since the last back into the table, the hot index pages
+    again and again). Commits keep their meaning: WAL, synchronous=NORMAL, as always."""
+    cache = conn.execute("PRAGMA cache_size").fetchone()[0]
+    checkpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    conn.execute(f"PRAGMA cache_size = -{mb * 1024}")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {mb * 256}")  # pages of 4 KB: mb MB of WAL
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA cache_size = {cache}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {checkpoint}")
 
 
 def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
 
+MERGE_ROWS = 32_768  # rows a merge transaction takes (whole shards): few, large transactions
+
+
 def _merge(shards: ShardDir, current, committer, photos, progress) -> None:
-    """Write every still-valid shard row into the table, shard by shard (one transaction each)."""
-    store = committer.store
+    """Write every still-valid shard row into the table, in collection order, whole shards at a
+    time (one transaction per MERGE_ROWS rows or so)."""
     total = sum(1 for _ in shards.paths())
     progress("merge", 0, total)
     merged: set[str] = set()
+    upserts: list = []
     for number, rows in enumerate(shards.rows(), 1):
-        bad, bad_rels, upserts = [], [], []
-        for i in np.argsort(rows["pos"], kind="stable"):
-            rel = str(rows["rel"][i])
-            key = (int(rows["size"][i]), float(rows["mtime"][i]))
-            if rel in merged or current.get(rel) != key:
-                continue  # merged already, or the file changed since it was embedded
-            merged.add(rel)
-            path = store.file_path(rel)
-            error = str(rows["error"][i])
-            if error:
-                bad.append(FailedImage(path, error))
-                bad_rels.append(rel)
-                continue
-            sha = str(rows["sha256"][i])
-            k = committer.triage(rel, sha, key[1], key[0])
-            if k is None:
-                continue
-            record = ImageRecord(
-                0,
-                rel,
-                key[0],
-                key[1],
-                sha,
-                int(rows["width"][i]),
-                int(rows["height"][i]),
-                phash=int(rows["phash"][i]),
-            )
-            upserts.append((record, rows["embedding"][i], k))
-        committer.fail(bad, bad_rels)
-        committer.commit(upserts)
+        upserts += _shard_rows(rows, current, committer, merged)
+        if len(upserts) >= MERGE_ROWS or number == total:
+            committer.commit(upserts)
+            upserts = []
         progress("merge", number, total)
-    missing = [rel for rel in current if rel not in merged]
+    if upserts:
+        committer.commit(upserts)
+    missing = sum(1 for rel in current if rel not in merged)
     if missing:  # a file changed while the job ran: the next run picks it up
-        log.warning("%d files changed during the run; run `lookalike index` again", len(missing))
+        log.warning("%d files changed during the run; run `lookalike index` again", missing)
+
+
+def _shard_rows(rows, current, committer, merged: set[str]) -> list:
+    """(record, vector, kind) of a shard's rows to write, in collection order; its unreadable
+    files are reported (and dropped from the table) at once."""
+    cols = {name: rows[name].tolist() for name in COLUMNS}  # Python values: ~5x faster per row
+    pos = rows["pos"]
+    order = range(len(pos))
+    if len(pos) > 1 and not bool(np.all(pos[:-1] <= pos[1:])):
+        order = np.argsort(pos, kind="stable").tolist()
+    bad, bad_rels, upserts = [], [], []
+    for i in order:
+        rel = cols["rel"][i]
+        key = (cols["size"][i], cols["mtime"][i])
+        if rel in merged or current.get(rel) != key:
+            continue  # merged already, or the file changed since it was embedded
+        merged.add(rel)
+        if cols["error"][i]:
+            bad.append(FailedImage(committer.store.file_path(rel), cols["error"][i]))
+            bad_rels.append(rel)
+            continue
+        sha = cols["sha256"][i]
+        k = committer.triage(rel, sha, key[1], key[0])
+        if k is None:
+            continue
+        record = ImageRecord(
+            0, rel, key[0], key[1], sha, cols["width"][i], cols["height"][i], phash=cols["phash"][i]
+        )
+        upserts.append((record, rows["embedding"][i], k))
+    committer.fail(bad, bad_rels)
+    return upserts
 
 
 def fill_ivf_on_ray(trained, chunks, in_flight: int, progress=None):
