@@ -89,6 +89,7 @@ def index(
     photos: Annotated[
         str,
         typer.Argument(
+            metavar="PHOTOS",
             help="Folder of photos (walked recursively), or a bucket prefix: s3://BUCKET/PREFIX, "
             'gs://BUCKET/PREFIX (needs pip install "lookalike\\[s3]" or "lookalike\\[gcs]").'
         ),
