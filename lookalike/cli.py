@@ -91,7 +91,7 @@ def index(
         typer.Argument(
             metavar="PHOTOS",
             help="Folder of photos (walked recursively), or a bucket prefix: s3://BUCKET/PREFIX, "
-            'gs://BUCKET/PREFIX (needs pip install "lookalike\\[s3]" or "lookalike\\[gcs]").'
+            'gs://BUCKET/PREFIX (needs pip install "lookalike\\[s3]" or "lookalike\\[gcs]").',
         ),
     ],
     store: StoreOpt,
