@@ -86,7 +86,14 @@ def main_callback(
 
 @app.command()
 def index(
-    photos: Annotated[Path, typer.Argument(help="Folder of photos (walked recursively).")],
+    photos: Annotated[
+        str,
+        typer.Argument(
+            metavar="PHOTOS",
+            help="Folder of photos (walked recursively), or a bucket prefix: s3://BUCKET/PREFIX, "
+            'gs://BUCKET/PREFIX (needs pip install "lookalike\\[s3]" or "lookalike\\[gcs]").',
+        ),
+    ],
     store: StoreOpt,
     epochs: Annotated[
         int | None, typer.Option(help="Training epochs (default: from the training budget).")
@@ -564,6 +571,8 @@ def dedupe(
     from .dedupe.actions import apply_actions, pending, plan_actions, resume
     from .dedupe.grouping import BAND, calibrated_threshold, find_groups, groups_to_dict
     from .dedupe.report import write_csv, write_html
+    from .errors import InvalidArgumentError
+    from .photos import is_url
     from .store import Store
 
     if as_json and csv_file:
@@ -578,6 +587,11 @@ def dedupe(
         fail("--empty-trash empties the store's trash; it takes no other action but --yes")
     with errors_to_exit(), Store.open(store) as st:
         st.model_config()  # a clear error for a store without a model
+        if (move_to or delete or undo_last) and is_url(st.photos_root):
+            raise InvalidArgumentError(
+                f"the photos are in {st.photos_root}: dedupe does not move or delete objects; "
+                "write the keys to remove with --csv and remove them with your storage's tools"
+            )
         if undo_last:
             return _dedupe_undo(st, as_json)
         if empty_trash:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageDecodeError, ImageError, ImageTooLargeError
+from .photos import LocalPhotos, read_bytes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF"})
@@ -81,11 +82,7 @@ def find_images(root: Path | str) -> Iterator[Path]:
         return
     if not root.is_dir():
         raise ImageError(f"no such folder or file: {root}")
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                yield Path(dirpath) / name
+    yield from LocalPhotos(root).files(IMAGE_SUFFIXES)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -382,18 +379,14 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> np.ndarray:
     """The single preprocessing function: a file path or bytes -> (size, size, 3) uint8 RGB."""
-    data = source if isinstance(source, bytes) else read_file(Path(source))
+    data = source if isinstance(source, bytes) else read_file(source)
     return decode(data, size, max_pixels=max_pixels, max_bytes=max_bytes)[0]
 
 
-def read_file(path: Path) -> bytes:
-    """A file's bytes, with a clear error when it cannot be read."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError(f"no such file: {path}") from None
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from None
+def read_file(path: Path | str) -> bytes:
+    """A file's (or an object's, for an s3:// or gs:// URL) bytes, with a clear error when it
+    cannot be read."""
+    return read_bytes(path)
 
 
 def decode_file(

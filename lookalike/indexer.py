@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,10 +14,11 @@ import numpy as np
 
 from .config import IndexOptions, ModelConfig, RayOptions
 from .errors import InvalidArgumentError
-from .images import DecodedImage, FailedImage, find_images, iter_batches, phash64
+from .images import IMAGE_SUFFIXES, DecodedImage, FailedImage, find_images, iter_batches, phash64
 from .index.knn import resolve_index_type
 from .index.meta import ImageRecord
 from .labels import FOLDERS, apply_labels, read_labels_csv
+from .photos import BucketPhotos, LocalPhotos, open_photos
 from .store import UPLOAD_PREFIX, Store, remove_thumbnails
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,12 @@ def index_folder(
     if labels_source is not None and labels_source != FOLDERS:
         labels_source = str(Path(labels_source).expanduser().resolve())
         read_labels_csv(Path(labels_source))  # a malformed CSV fails before any work
-    photos = Path(photos).expanduser().resolve()
-    if not photos.is_dir():
-        raise InvalidArgumentError(f"photos folder not found: {photos}")
+    source = open_photos(photos)
+    source.check()  # a missing folder, bucket or prefix fails before the store is touched
     progress = progress or (lambda stage, done, total: None)
     report = IndexReport()
     with Store.open(store_path, create=True) as store, store.writing():
-        _run(store, photos, model, options, progress, report, ray)
+        _run(store, source, model, options, progress, report, ray)
         labels_source = labels_source or store.info.get("labels_source")
         if labels_source:
             if labels_source != FOLDERS and not Path(labels_source).exists():
@@ -117,7 +116,7 @@ def index_folder(
 class Plan:
     """What one run has to do: the files to (re)embed, in collection order, and why."""
 
-    todo: list[Path]
+    todo: list[Path | str]  # locations: a Path, or an object's URL
     kind: dict[str, str]  # rel path -> added | updated | maybe | stale
     states: dict  # rel path -> (id, size, mtime, sha256, model) of the rows in the table
     no_phash: set[str]  # rows of an older version without a pHash: decoded again once
@@ -127,14 +126,19 @@ class Plan:
 SCAN_EVERY = 200  # files between two scan progress calls
 
 
-def scan(store: Store, photos: Path, progress: ProgressFn | None = None) -> list[Path]:
-    """The image files under photos, in collection order (the store's own folder excluded).
+Source = LocalPhotos | BucketPhotos
+
+
+def scan(store: Store, photos: Path | Source, progress: ProgressFn | None = None) -> list:
+    """The image files under photos (a folder, or a bucket's URL), in collection order (the
+    store's own folder excluded).
 
     progress("scan", found, 0) is called every SCAN_EVERY files and at the end (total unknown).
     """
-    files: list[Path] = []
-    for p in find_images(photos):
-        if not p.resolve().is_relative_to(store.root):
+    source = photos if isinstance(photos, Source) else open_photos(photos)
+    files: list = []
+    for p in source.files(IMAGE_SUFFIXES):
+        if isinstance(source, BucketPhotos) or not p.resolve().is_relative_to(store.root):
             files.append(p)
             if progress and len(files) % SCAN_EVERY == 0:
                 progress("scan", len(files), 0)
@@ -143,7 +147,7 @@ def scan(store: Store, photos: Path, progress: ProgressFn | None = None) -> list
     return files
 
 
-def plan_changes(store: Store, photos: Path, files: list[Path], report: IndexReport) -> Plan:
+def plan_changes(store: Store, photos: Source, files: list, report: IndexReport) -> Plan:
     """Compare the folder's files with the table; counts unchanged files in report."""
     uploads = list(find_images(store.uploads_dir)) if store.uploads_dir.is_dir() else []
     states = store.db.file_states()
@@ -153,14 +157,14 @@ def plan_changes(store: Store, photos: Path, files: list[Path], report: IndexRep
     todo: list[Path] = []
     kind: dict[str, str] = {}
     for path in files + uploads:
-        rel = store.table_path(path, photos)
+        rel = store.table_path(path, photos.root)
         seen.add(rel)
         state = states.get(rel)
         if state is None:
             kind[rel] = "added"
         else:
-            st = path.stat()
-            if st.st_size == state[1] and st.st_mtime == state[2]:
+            size, mtime = photos.stat(path)
+            if size == state[1] and mtime == state[2]:
                 if state[4] == serial and rel not in no_phash:
                     report.unchanged += 1
                     continue
@@ -218,15 +222,16 @@ class Committer:
         """Write (record, vector, kind) rows and the touches triage collected, in one transaction."""
         touches, self._touches = self._touches, []
         if rows:
-            vectors = np.stack([v for _, v, _ in rows])
-            ids = self.store.db.write(
-                [(r, v) for r, v, _ in rows], touches=touches, model=self.serial
-            )
+            pairs = [(r, v) for r, v, _ in rows]
+            if all(k == "added" for _, _, k in rows):  # a first run: one executemany
+                ids = self.store.db.insert_new(pairs, touches=touches, model=self.serial)
+            else:
+                ids = self.store.db.write(pairs, touches=touches, model=self.serial)
             if self.index is not None:
                 replaced = [i for i, (_, _, k) in zip(ids, rows) if k != "added"]
                 with self.store.lock:
                     self.index.remove(np.array(replaced))  # replaced rows keep their id
-                    self.index.add(vectors, np.array(ids))
+                    self.index.add(np.stack([v for _, v, _ in rows]), np.array(ids))
             for _, _, k in rows:
                 if k == "added":
                     self.report.added += 1
@@ -239,22 +244,22 @@ class Committer:
             self.store.db.write(touches=touches)
 
 
-def check_removals(store: Store, photos: Path, files: list[Path], prune: bool) -> None:
+def check_removals(store: Store, photos: Source, files: list, prune: bool) -> None:
     """Refuse a run that would remove more than half of the stored rows (or all of them)
     unless ``prune``: an empty or wrong folder (an unmounted drive, a typo) must not wipe a
     store. Checked before anything is changed, training included."""
     states = store.db.file_states()
     if not states:
         return
-    seen = {store.table_path(p, photos) for p in files}
+    seen = {store.table_path(p, photos.root) for p in files}
     seen.update(s for s in states if s.startswith(UPLOAD_PREFIX))  # uploads stay
     gone = sum(1 for rel in states if rel not in seen)
     if gone and (gone == len(states) or 2 * gone > len(states)) and not prune:
         was = store.photos_root
         raise InvalidArgumentError(
-            f"{photos} would remove {gone} of the store's {len(states)} photos "
+            f"{photos.root} would remove {gone} of the store's {len(states)} photos "
             f"({len(files)} images found there"
-            + (f"; the store indexes {was}" if was and was != photos else "")
+            + (f"; the store indexes {was}" if was and was != photos.root else "")
             + "). Nothing was changed. If the photos really are gone, run again with --prune."
         )
 
@@ -263,8 +268,8 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
     progress("scan", 0, 0)
     files = scan(store, photos, progress)
     check_removals(store, photos, files, options.prune)
-    if store.photos_root != photos:
-        store.update_state({"photos_root": str(photos)})
+    if store.photos_root != photos.root:
+        store.update_state({"photos_root": str(photos.root)})
     failed: dict[Path, FailedImage] = {}
     with ExitStack() as stack:
         decoded = None
@@ -272,7 +277,7 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
             cfg = model or (store.model_config() if store.is_trained else ModelConfig())
             tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=store.root, prefix="train-"))
             report.train_seconds, decoded = _train(
-                store, files, cfg, options, progress, failed, Path(tmp)
+                store, files, cfg, options, progress, failed, Path(tmp), photos.stat
             )
             report.trained = True
         _update(store, photos, files, options, progress, report, ray, failed, decoded)
@@ -311,7 +316,7 @@ def _update(store, photos, files, options, progress, report, ray, failed, decode
                 report.index = build_ivf_on_ray(store, requested, ray, progress)
                 index = store.index
     else:
-        known = _unchanged(decoded) if decoded else None
+        known = _unchanged(decoded, photos.stat) if decoded else None
         embedder = _embed_here(store, photos, plan, committer, cfg, options, progress, known)
 
     count = len(store.db)
@@ -332,7 +337,14 @@ def _update(store, photos, files, options, progress, report, ray, failed, decode
         from .dedupe.calibration import calibrate_store
 
         progress("calibrate", 0, 1)
-        calibrate_store(store, embedder or store.load_embedder())
+        try:
+            calibrate_store(store, embedder or store.load_embedder())
+        except OSError as exc:
+            if not isinstance(photos, BucketPhotos):
+                raise
+            # lookalike.dedupe's feature verification opens local files only so far: the
+            # index is complete and searchable; dedupe measures its threshold when it can
+            log.warning("dedupe threshold not measured for %s: %s", photos.root, exc)
         progress("calibrate", 1, 1)
 
 
@@ -352,33 +364,34 @@ def _embed_here(store, photos, plan, committer, cfg, options, progress, known=No
         max_bytes=options.max_decode_bytes,
         known=known,
     ):
-        committer.fail(bad, [store.table_path(f.path, photos) for f in bad])
+        committer.fail(bad, [store.table_path(f.path, photos.root) for f in bad])
         keep = []
         for im in ok:
-            rel = store.table_path(im.path, photos)
-            st = os.stat(im.path)
-            k = committer.triage(rel, im.sha256, st.st_mtime, im.nbytes)
+            rel = store.table_path(im.path, photos.root)
+            mtime = photos.stat(im.path)[1]
+            k = committer.triage(rel, im.sha256, mtime, im.nbytes)
             if k is not None:
-                keep.append((im, rel, k))
+                keep.append((im, rel, k, mtime))
         vectors = []
         if keep:
             t0 = time.perf_counter()
-            vectors = embedder(np.stack([im.pixels for im, _, _ in keep]))
+            vectors = embedder(np.stack([im.pixels for im, *_ in keep]))
             committer.report.embed_seconds += time.perf_counter() - t0
-        committer.commit([(_record(im, rel), v, k) for (im, rel, k), v in zip(keep, vectors)])
+        committer.commit(
+            [(_record(im, rel, mtime), v, k) for (im, rel, k, mtime), v in zip(keep, vectors)]
+        )
         done += len(ok) + len(bad)
         progress("embed", done, len(todo))
     return embedder
 
 
-def _record(im: DecodedImage, rel: str) -> ImageRecord:
-    st = os.stat(im.path)
+def _record(im: DecodedImage, rel: str, mtime: float) -> ImageRecord:
     return ImageRecord(
-        0, rel, im.nbytes, st.st_mtime, im.sha256, im.width, im.height, phash=phash64(im.pixels)
+        0, rel, im.nbytes, mtime, im.sha256, im.width, im.height, phash=phash64(im.pixels)
     )
 
 
-def _train(store: Store, files, cfg: ModelConfig, options, progress, failed, tmp: Path):
+def _train(store: Store, files, cfg: ModelConfig, options, progress, failed, tmp: Path, stat):
     """Decode a seeded sample of at most cfg.max_train_images into a memmap in tmp and train on
     it; returns (seconds, the sample's decoded images by path, with the file's (size, mtime)):
     the embedding that follows takes those pixels instead of decoding the files again."""
@@ -410,8 +423,7 @@ def _train(store: Store, files, cfg: ModelConfig, options, progress, failed, tmp
         for im in ok:
             n = len(decoded)
             cache[n] = im.pixels
-            st = os.stat(im.path)
-            decoded[im.path] = (replace(im, pixels=cache[n]), (st.st_size, st.st_mtime))
+            decoded[im.path] = (replace(im, pixels=cache[n]), stat(im.path))
         progress("decode", len(decoded) + len(failed), len(pick))
     if len(decoded) < 2:
         raise InvalidArgumentError(
@@ -422,14 +434,14 @@ def _train(store: Store, files, cfg: ModelConfig, options, progress, failed, tmp
     return time.perf_counter() - started, decoded
 
 
-def _unchanged(decoded: dict[Path, tuple[DecodedImage, tuple[int, float]]]):
+def _unchanged(decoded: dict[Path, tuple[DecodedImage, tuple[int, float]]], stat):
     """The decoded images whose file has the size and mtime it had when it was decoded."""
     out = {}
-    for path, (im, (size, mtime)) in decoded.items():
+    for path, (im, facts) in decoded.items():
         try:
-            st = os.stat(path)
+            now = stat(path)
         except OSError:
             continue
-        if (st.st_size, st.st_mtime) == (size, mtime):
+        if now == facts:
             out[path] = im
     return out

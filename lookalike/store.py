@@ -51,6 +51,7 @@ from .errors import (
 )
 from .index.knn import KnnIndex, ivf_params, resolve_index_type, tune_nprobe
 from .index.meta import MetaDB
+from .photos import is_url, locate, normalise, relative
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ class Store:
         if not info_path.exists():
             store.update_state({"created": time.time()})
         if photos is not None:
-            store.update_state({"photos_root": str(Path(photos).expanduser().resolve())})
+            store.update_state({"photos_root": str(normalise(photos))})
         return store
 
     def _migrate(self, state: dict[str, Any]) -> None:
@@ -296,23 +297,28 @@ class Store:
         return self.root / TRASH / stamp
 
     @property
-    def photos_root(self) -> Path | None:
+    def photos_root(self) -> Path | str | None:
+        """The folder the photos are in, or their bucket's URL (s3://..., gs://...)."""
         root = self.info.get("photos_root")
-        return Path(root) if root else None
+        if not root:
+            return None
+        return root if is_url(root) else Path(root)
 
-    def table_path(self, path: Path, photos: Path) -> str:
-        """The table's path of a file: relative to PHOTOS, or UPLOAD_PREFIX + name for uploads."""
-        if path.parent == self.uploads_dir:
+    def table_path(self, path: Path | str, photos: Path | str) -> str:
+        """The table's path of a file: relative to PHOTOS (a folder or a bucket's URL), or
+        UPLOAD_PREFIX + name for uploads."""
+        if isinstance(path, Path) and path.parent == self.uploads_dir:
             return UPLOAD_PREFIX + path.name
-        return path.relative_to(photos).as_posix()
+        return relative(photos, path)
 
-    def file_path(self, rel_path: str) -> Path:
-        """Where an indexed image lives: uploads are under the store, others under PHOTOS."""
+    def file_path(self, rel_path: str) -> Path | str:
+        """Where an indexed image lives: uploads are under the store, others under PHOTOS (a
+        URL string when the photos are in a bucket: read it with images.read_file)."""
         if rel_path.startswith(UPLOAD_PREFIX):
             return self.uploads_dir / rel_path[len(UPLOAD_PREFIX) :]
         if self.photos_root is None:
             raise StoreNotFoundError(f"store {self.root} does not record its photos folder")
-        return self.photos_root / rel_path
+        return locate(self.photos_root, rel_path)
 
     # -- state --------------------------------------------------------------------------------
     def update_state(
