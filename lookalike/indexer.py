@@ -342,8 +342,8 @@ def _update(store, photos, files, options, progress, report, ray, failed, decode
         except OSError as exc:
             if not isinstance(photos, BucketPhotos):
                 raise
-            # lookalike.dedupe's feature verification opens local files only so far: the
-            # index is complete and searchable; dedupe measures its threshold when it can
+            # a bucket that cannot be read now: the index is complete and searchable, and
+            # dedupe measures its threshold on its first run
             log.warning("dedupe threshold not measured for %s: %s", photos.root, exc)
         progress("calibrate", 1, 1)
 

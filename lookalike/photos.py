@@ -16,6 +16,7 @@ sha256 of its bytes confirms a change, as for local files.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from datetime import datetime
@@ -97,6 +98,14 @@ def read_bytes(location: Path | str) -> bytes:
         raise ImageDecodeError(f"no such object: {location}") from None
     except (OSError, PermissionError) as exc:
         raise ImageDecodeError(f"cannot read {location}: {exc}") from None
+
+
+def openable(location: Path | str) -> Path | io.BytesIO:
+    """What Image.open takes for a photo: a local path (read lazily), or a bucket object's
+    bytes in memory (ImageDecodeError when it cannot be read)."""
+    if not is_url(location):
+        return Path(location)
+    return io.BytesIO(read_bytes(location))
 
 
 def exists(location: Path | str) -> bool:

@@ -241,3 +241,38 @@ def test_object_facts_come_from_the_listing(photos200):
     size, mtime = photos.stat(first)
     assert size == (photos200 / first[len(url) + 1 :]).stat().st_size and mtime > 1e9
     assert BucketPhotos(url).stat(first) == (size, mtime)  # the same, asked of the server
+
+
+def test_dedupe_of_a_bucket_store_finds_what_the_folder_store_finds(tmp_path, tiny_store):
+    """Keep rule, verification and reports read the photos from the bucket."""
+    from PIL import Image
+
+    from lookalike.cli import app
+
+    photos = tmp_path / "photos"
+    for seed in range(24):
+        write_photo(photos / photo_name(seed), seed)
+    original = Image.open(photos / photo_name(3)).convert("RGB")
+    (photos / "dups").mkdir()
+    original.save(photos / "dups" / "q40.jpg", quality=40)  # a re-encode
+    w, h = original.size
+    original.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save(photos / "dups" / "crop.png")
+    stores = {}
+    for name, source in (("folder", photos), ("bucket", upload_folder(photos, "dedupe", "p"))):
+        stores[name] = copy_model(tiny_store, tmp_path / name)
+        index_folder(source, stores[name])
+    runner = CliRunner()
+    found = {}
+    for name, store in stores.items():
+        result = runner.invoke(
+            app, ["dedupe", "--store", str(store), "--json", "--threshold", "0.9"]
+        )
+        assert result.exit_code == 0, result.output
+        found[name] = json.loads(result.stdout)["groups"]
+        csv = runner.invoke(
+            app, ["dedupe", "--store", str(store), "--csv", str(tmp_path / "d.csv")]
+        )
+        assert csv.exit_code == 0, csv.output
+    assert found["bucket"] == found["folder"]
+    members = {m["path"] for g in found["folder"] for m in g["members"]}
+    assert {photo_name(3), "dups/q40.jpg"} <= members

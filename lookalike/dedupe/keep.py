@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import InvalidArgumentError
+from ..errors import ImageDecodeError, InvalidArgumentError
+from ..photos import openable
 from ..store import UPLOAD_PREFIX
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _taken(img: Image.Image) -> str | None:
 def measure(path: Path) -> Quality | None:
     """The keep rule's facts of one file, or None if it cannot be read."""
     try:
-        with Image.open(path) as img:
+        with Image.open(openable(path)) as img:
             quality, taken = _jpeg_quality(img), _taken(img)
             scale = 1.0
             if img.format in ("JPEG", "MPO") and max(img.size) > WORK_SIDE:
@@ -124,7 +125,7 @@ def measure(path: Path) -> Quality | None:
                 img.draft("L", (WORK_SIDE, WORK_SIDE))
                 scale = (full[0] * full[1]) / (img.size[0] * img.size[1])
             g = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError, ImageDecodeError) as exc:
         log.info("keep rule cannot read %s: %s", path, exc)
         return None
     octaves, detail = upscale_octaves(g)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import ImageDecodeError
+from ..photos import openable
 from ..store import Store
 from .grouping import Group, Member
 
@@ -75,13 +77,13 @@ def evidence(m: Member, keep: Member) -> str:
 def thumbnail_uri(path: Path, side: int = THUMB_SIDE) -> str | None:
     """A small JPEG of the image as a data: URI, or None if it cannot be read."""
     try:
-        with Image.open(path) as img:
+        with Image.open(openable(path)) as img:
             img.draft("RGB", (side, side))
             img = img.convert("RGB")
             img.thumbnail((side, side), Image.Resampling.BILINEAR)
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=80)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError, ImageDecodeError) as exc:
         log.info("no thumbnail for %s: %s", path, exc)
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

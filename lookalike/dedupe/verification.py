@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import StoreBusyError, StoreWriteError
+from ..errors import ImageDecodeError, StoreBusyError, StoreWriteError
+from ..photos import is_url, read_bytes
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -61,8 +62,11 @@ def _cv2():
 def _read(path) -> tuple[np.ndarray, str | None]:
     """A file's bytes ((m,) uint8; empty if unreadable) and their sha256 (None if unreadable)."""
     try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError:
+        if is_url(path):  # a photo in a bucket
+            data = np.frombuffer(read_bytes(path), dtype=np.uint8)
+        else:
+            data = np.fromfile(str(path), dtype=np.uint8)
+    except (OSError, ImageDecodeError):
         return np.zeros(0, np.uint8), None
     return data, hashlib.sha256(data).hexdigest()
 
