@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -39,8 +40,10 @@ def train(name: str, sets: list[str], overrides: dict) -> None:
     from lookalike.config import ModelConfig
     from lookalike.indexer import index_folder
 
-    cfg = ModelConfig().replace(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    # dataclasses.replace, not ModelConfig.replace: a null override (max_train_seconds=null)
+    # must set None
+    cfg = dataclasses.replace(
+        ModelConfig(), **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     )
     for s in sets:
         photos = INTEL if s == "intel" else NEARDUP / "images"
