@@ -104,6 +104,14 @@ def index(
     ] = None,
     latent_dim: Annotated[int | None, typer.Option(help="Embedding dimension.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same model.")] = None,
+    train_budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            help="Training budget (samples and time cap) as a multiple of the default's, "
+            "e.g. 0.5: quicker, 2: twice the samples and time.",
+        ),
+    ] = None,
     index_type: Annotated[
         IndexType,
         typer.Option(help="flat: exact; ivf: approximate; auto: flat below 200,000 images."),
@@ -160,10 +168,13 @@ def index(
             seed=seed,
         )
         model = base.replace(**overrides)
+        if train_budget is not None:
+            model = model.with_budget(train_budget)
         options = IndexOptions(
             index_type=index_type.value, retrain=retrain, labels=labels, prune=prune
         )
-        if any(v is not None for v in overrides.values()) and trained and not retrain:
+        flags = [*overrides.values(), train_budget]
+        if any(v is not None for v in flags) and trained and not retrain:
             err.print("note: model flags apply when training; add --retrain to train anew")
         phases = Phases()
         with progress_bar(sys.stderr.isatty() or not as_json, phases) as progress:

@@ -33,8 +33,16 @@ class ModelConfig:
     crop_min: float = 0.6  # smallest random crop side, as a share of the image side
     rotate_degrees: float = 0.0  # random rotation range (+-) of the training views
     blur: bool = False  # randomly blur half of the training views
+    mask_ratio: float = 0.0  # masked reconstruction: share of patches hidden in a view (0: off)
+    mask_patch: int = 16  # side of a hidden square patch, pixels (must divide image_size)
+    mask_loss: str = "all"  # MSE over: all (the whole image) | masked (the hidden patches only)
+    mask_mix: float = 1.0  # share of the training views that are masked (the rest unmasked)
     epochs: int | None = None  # None: as many as train_samples asks for (at most max_epochs)
-    train_samples: int = 24_000  # augmented images seen in training: bounds time, any size
+    train_samples: int = 24_000  # augmented images seen in training up to budget_images
+    budget_images: int = 4_000  # training sets above this get more samples (see samples_for)
+    budget_growth: float = 0.5  # samples grow as (train images / budget_images)^this; 0: fixed
+    max_train_samples: int = 200_000  # cap of the grown budget
+    max_train_seconds: float | None = 900.0  # wall-time cap of the epochs; None: no cap
     max_epochs: int = 60  # cap for small collections
     batch_size: int = 64  # training batch
     learning_rate: float = 2e-3  # Adam, initial
@@ -65,11 +73,35 @@ class ModelConfig:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 
+    def split(self, images: int) -> tuple[int, int]:
+        """(training, validation) images of a training sample of this many images."""
+        n_val = min(max(1, round(images * self.validation_split)), images - 1)
+        return images - n_val, n_val
+
+    def samples_for(self, train_images: int) -> int:
+        """Training budget in augmented samples: train_samples, growing sublinearly above
+        budget_images training images (exponent budget_growth), at most max_train_samples."""
+        grow = max(1.0, train_images / self.budget_images) ** self.budget_growth
+        return int(min(self.max_train_samples, round(self.train_samples * grow)))
+
     def epochs_for(self, train_images: int) -> int:
-        """Epochs to run on train_images: cfg.epochs, or train_samples' worth (1..max_epochs)."""
+        """Epochs to run on train_images: cfg.epochs, or the budget's worth (1..max_epochs)."""
         if self.epochs is not None:
             return self.epochs
-        return int(min(self.max_epochs, max(1, -(-self.train_samples // max(1, train_images)))))
+        samples = self.samples_for(train_images)
+        return int(min(self.max_epochs, max(1, -(-samples // max(1, train_images)))))
+
+    def with_budget(self, factor: float) -> ModelConfig:
+        """The training budget (samples, their cap and the time cap) times factor."""
+        if not factor > 0:
+            raise ValueError(f"training budget factor must be > 0, got {factor}")
+        seconds = self.max_train_seconds
+        return dataclasses.replace(
+            self,
+            train_samples=max(1, round(self.train_samples * factor)),
+            max_train_samples=max(1, round(self.max_train_samples * factor)),
+            max_train_seconds=None if seconds is None else seconds * factor,
+        )
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with the given fields changed (None values are ignored)."""
@@ -83,7 +115,15 @@ _SAVED_V1_FIELDS = frozenset(
     "whiten_shrink flip_average augment epochs batch_size learning_rate validation_split "
     "patience max_train_images seed".split()
 )
-_LEGACY = {"input_norm": "unit", "pool_grids": 1, "decoder_filters": None}
+_LEGACY = {
+    "input_norm": "unit",
+    "pool_grids": 1,
+    "decoder_filters": None,
+    # masked reconstruction and the growing, time-capped budget came later: off
+    "mask_ratio": 0.0,
+    "budget_growth": 0.0,
+    "max_train_seconds": None,
+}
 
 
 @dataclass(frozen=True)

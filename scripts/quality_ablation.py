@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -39,8 +40,10 @@ def train(name: str, sets: list[str], overrides: dict) -> None:
     from lookalike.config import ModelConfig
     from lookalike.indexer import index_folder
 
-    cfg = ModelConfig().replace(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    # dataclasses.replace, not ModelConfig.replace: a null override (max_train_seconds=null)
+    # must set None
+    cfg = dataclasses.replace(
+        ModelConfig(), **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     )
     for s in sets:
         photos = INTEL if s == "intel" else NEARDUP / "images"
@@ -211,7 +214,7 @@ def load_sets():
     return intel, intel_labels, nd, nd_groups
 
 
-def embed(name: str, variants: list[str]) -> None:
+def embed(name: str, variants: list[str], sets: tuple[str, ...] = ("intel", "neardup")) -> None:
     from lookalike.store import is_trained_store
 
     intel, intel_labels, nd, nd_groups = load_sets()
@@ -237,7 +240,7 @@ def embed(name: str, variants: list[str]) -> None:
         row = {"name": name, "variant": spec or "default"}
         for set_name, paths, target in (("intel", intel, intel_labels), ("neardup", nd, nd_groups)):
             store = OUT / f"{name}-{set_name}"
-            if not is_trained_store(store):
+            if set_name not in sets or not is_trained_store(store):
                 continue  # not trained (yet)
             scales = tuple(float(x) for x in str(opts["scales"]).split(","))
             key = (set_name, opts["p"], opts["flip"], scales, opts["grids"], opts["mode"])
@@ -276,6 +279,7 @@ def main() -> None:
     e = sub.add_parser("embed")
     e.add_argument("name")
     e.add_argument("--variant", nargs="*", default=[""])
+    e.add_argument("--set", default="both", choices=["intel", "neardup", "both"])
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.cmd == "train":
@@ -283,7 +287,7 @@ def main() -> None:
         sets = ["intel", "neardup"] if args.set == "both" else [args.set]
         train(args.name, sets, {k: parse_value(v) for k, v in overrides.items()})
     else:
-        embed(args.name, args.variant)
+        embed(args.name, args.variant, ("intel", "neardup") if args.set == "both" else (args.set,))
 
 
 if __name__ == "__main__":

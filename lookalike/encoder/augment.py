@@ -72,3 +72,37 @@ def augment(x: tf.Tensor, seed: tf.Tensor, cfg: ModelConfig) -> tf.Tensor:
         tf.shape(x), tf.random.experimental.stateless_fold_in(keys[9], 1)
     )
     return tf.clip_by_value(x + noise * sigma, 0.0, 255.0)
+
+
+# an offset folded into the batch seed, so the masks draw from their own stream and the views
+# above stay exactly what they were before masking existed
+_MASK_STREAM = 7919
+
+
+def mask_patches(x: tf.Tensor, seed: tf.Tensor, cfg: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """Hide random square patches of the views for masked reconstruction: (views, mask).
+
+    A share ``cfg.mask_mix`` of the views (each drawn with that probability) get exactly
+    round(mask_ratio * patches) of their ``cfg.mask_patch``-pixel patches filled with the view's
+    mean, which the per-image standardisation turns into ~0: no signal, as in MAE's empty tokens.
+    mask: (n, s, s, 1) float32, 1 where hidden. Same seed, same masks.
+    """
+    s, p = cfg.image_size, cfg.mask_patch
+    if p < 1 or s % p:
+        raise ValueError(f"mask_patch {p} must divide image_size {s}")
+    grid = s // p
+    hide = round(cfg.mask_ratio * grid * grid)
+    n = tf.shape(x)[0]
+    keys = tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(seed, _MASK_STREAM), 2
+    )
+    if hide <= 0:
+        return x, tf.zeros_like(x[..., :1])
+    scores = tf.random.stateless_uniform([n, grid * grid], keys[0])
+    kth = tf.math.top_k(scores, hide).values[:, -1:]  # the hide highest scores per view
+    chosen = tf.random.stateless_uniform([n, 1], keys[1]) < cfg.mask_mix
+    hidden = tf.cast((scores >= kth) & chosen, tf.float32)
+    hidden = tf.reshape(hidden, [n, grid, grid, 1])
+    mask = tf.repeat(tf.repeat(hidden, p, axis=1), p, axis=2)
+    mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+    return x + (mean - x) * mask, mask

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
-from .augment import augment
+from .augment import augment, mask_patches
 from .backend import keras, tf
 from .embed import Embedder, Whitening, fit_whitening
 from .export import export_checked
@@ -58,7 +58,7 @@ def train_autoencoder(
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(n)
-    n_val = min(max(1, round(n * cfg.validation_split)), n - 1)
+    n_val = cfg.split(n)[1]
     val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
 
     encoder, decoder, autoencoder = build_autoencoder(cfg)
@@ -67,9 +67,7 @@ def train_autoencoder(
     epochs = cfg.epochs_for(len(train_idx))
     learning_rate = cfg.learning_rate
     if cfg.cosine_decay:  # anneal to 0 over the planned steps: a fixed budget ends converged
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            cfg.learning_rate, decay_steps=epochs * steps, alpha=0.02
-        )
+        learning_rate = TimedCosine(cfg.learning_rate, epochs * steps)
     optimizer = keras.optimizers.Adam(learning_rate)
     variables = autoencoder.trainable_variables
     spec = tf.TensorSpec([None, cfg.image_size, cfg.image_size, 3], tf.uint8)
@@ -78,9 +76,13 @@ def train_autoencoder(
     def train_step(batch, seed):
         clean = tf.cast(batch, tf.float32)
         inputs = augment(clean, seed, cfg) if cfg.augment else clean
+        mask = None
+        if cfg.mask_ratio > 0:
+            inputs, mask = mask_patches(inputs, seed, cfg)
         with tf.GradientTape() as tape:
             recon = autoencoder(inputs, training=True)
-            loss = tf.reduce_mean(tf.square(recon - normalize_pixels(clean, cfg.input_norm)))
+            error = tf.square(recon - normalize_pixels(clean, cfg.input_norm))
+            loss = reconstruction_loss(error, mask, cfg.mask_loss)
         grads = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
@@ -101,6 +103,8 @@ def train_autoencoder(
     history: dict = {"loss": [], "val_loss": [], "initial_val_loss": val_loss()}
     best, best_weights, waited = np.inf, autoencoder.get_weights(), 0
     started = time.perf_counter()
+    cap = cfg.max_train_seconds
+    timed_out = timed = False  # timed: the cap, not the steps, paces the learning rate
     for epoch in range(epochs):
         perm = rng.permutation(train_idx)
         losses = []
@@ -112,6 +116,13 @@ def train_autoencoder(
             losses.append(float(train_step(pixels[idx], seed)))
             if progress:
                 progress(f"epoch {epoch + 1}/{epochs}", epoch * steps + step + 1, epochs * steps)
+            if cap is not None:  # past the cap: end this epoch here, validate, keep the best
+                elapsed = time.perf_counter() - started
+                if timed:
+                    learning_rate.time_share.assign(elapsed / cap if cap > 0 else 1.0)
+                if elapsed >= cap:
+                    timed_out = True
+                    break
         vl = val_loss()
         history["loss"].append(float(np.mean(losses)))
         history["val_loss"].append(vl)
@@ -122,6 +133,13 @@ def train_autoencoder(
             waited += 1
             if waited >= cfg.patience:
                 break
+        if timed_out:
+            break
+        # the run will not fit the cap at this pace: anneal by time from now on (only then
+        # does the model depend on the machine's speed; otherwise same seed, same model)
+        elapsed = time.perf_counter() - started
+        if cap is not None and isinstance(learning_rate, TimedCosine):
+            timed = timed or elapsed / (epoch + 1) * epochs > cap
     autoencoder.set_weights(best_weights)
     run = len(history["val_loss"])
     history.update(
@@ -130,6 +148,7 @@ def train_autoencoder(
         epochs_run=run,
         epochs_planned=epochs,
         stopped_early=run < epochs,
+        time_capped=timed_out,
         train_images=len(train_idx),
         val_images=int(n_val),
         seconds=round(time.perf_counter() - started, 2),
@@ -157,8 +176,45 @@ def stop_reason(history: dict) -> str:
     """Why training ended, e.g. `epoch 42/60: stopped early, best val loss 0.0123 at epoch 36`."""
     run, planned = history["epochs_run"], history.get("epochs_planned", history["epochs_run"])
     why = "stopped early" if run < planned else "done"
+    if history.get("time_capped"):
+        why = "stopped at the time cap"
     best = f"best val loss {history['best_val_loss']:.4g} at epoch {history['best_epoch']}"
     return f"epoch {run}/{planned}: {why}, {best}"
+
+
+def reconstruction_loss(error: tf.Tensor, mask: tf.Tensor | None, over: str) -> tf.Tensor:
+    """Mean of the squared error (n, s, s, c): over every pixel, or with ``over="masked"`` over
+    the hidden pixels of the masked views (and every pixel of the views left unmasked)."""
+    if mask is None or over == "all":
+        return tf.reduce_mean(error)
+    if over != "masked":
+        raise ValueError(f"unknown mask_loss {over!r}: all or masked")
+    unmasked = 1.0 - tf.reduce_max(mask, axis=(1, 2, 3), keepdims=True)
+    weight = mask + unmasked  # (n, s, s, 1)
+    total = tf.reduce_sum(weight) * tf.cast(tf.shape(error)[-1], tf.float32)
+    return tf.reduce_sum(error * weight) / tf.maximum(total, 1.0)
+
+
+class TimedCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Cosine decay over the planned steps, or over the time cap when that comes first.
+
+    ``time_share`` (elapsed / cap, set by the training loop once an epoch's pace says the run
+    will not fit the cap) moves the schedule on when time, not steps, is what runs out, so a
+    run stopped by the cap has still annealed. At time_share 0 it is exactly keras'
+    CosineDecay (alpha 0.02).
+    """
+
+    def __init__(self, initial: float, steps: int):
+        self.cosine = keras.optimizers.schedules.CosineDecay(initial, steps, alpha=0.02)
+        self.steps = steps
+        self.time_share = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+
+    def __call__(self, step):
+        step = tf.maximum(tf.cast(step, tf.float32), self.time_share * float(self.steps))
+        return self.cosine(step)
+
+    def get_config(self):
+        return {"initial": self.cosine.initial_learning_rate, "steps": self.steps}
 
 
 def _destandardize(recon: np.ndarray, src: np.ndarray, mode: str) -> np.ndarray:
