@@ -147,3 +147,43 @@ def engine(tiny_store):
 def store_copy(tmp_path, photos_dir, tiny_store) -> tuple[Path, Path]:
     """A private (photos, store) copy of photos_dir and tiny_store, free to change."""
     return copy_store(photos_dir, tiny_store, tmp_path)
+
+
+def textured(seed: int, size: tuple[int, int] = (192, 144)) -> Image.Image:
+    """A seeded photo-like image: detail at every scale (noise summed over octaves)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    out = np.zeros((h, w, 3))
+    for octave in range(1, 6):
+        small = rng.random((max(2, h >> octave), max(2, w >> octave), 3)) * 255
+        layer = Image.fromarray(small.astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+        out += np.asarray(layer, dtype=np.float64) / 5
+    out += rng.random((h, w, 3)) * 40 - 20
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def table_rows(store: Path) -> dict[str, tuple]:
+    """path -> (id, embedding, size, sha256, width, height, phash) of a store's table."""
+    import sqlite3
+
+    conn = sqlite3.connect(store / "images.sqlite")
+    try:
+        return {
+            r[1]: (r[0], np.frombuffer(r[2], "<f4"), *r[3:])
+            for r in conn.execute(
+                "SELECT id, path, embedding, size, sha256, width, height, phash FROM images"
+            )
+        }
+    finally:
+        conn.close()
+
+
+def assert_same_tables(a: Path, b: Path, facts: bool = True) -> None:
+    """Two stores hold the same paths with the same ids, embeddings (1e-5) and file facts."""
+    ra, rb = table_rows(a), table_rows(b)
+    assert sorted(ra) == sorted(rb)
+    for path in ra:
+        assert ra[path][0] == rb[path][0], f"id of {path}"
+        np.testing.assert_allclose(ra[path][1], rb[path][1], atol=1e-5, err_msg=path)
+        if facts:
+            assert ra[path][2:] == rb[path][2:], f"file facts of {path}"

@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sqlite3
 import sys
 
 import numpy as np
 import pytest
-from conftest import TINY, make_photo, photo_name, write_photo
+from conftest import TINY, assert_same_tables, make_photo, photo_name, table_rows, write_photo
 from s3server import s3_client, s3_server, upload_folder  # noqa: F401  (s3_server: a fixture)
 from typer.testing import CliRunner
 
@@ -27,29 +26,6 @@ from lookalike.store import Store, copy_model
 
 N = 200
 pytestmark = pytest.mark.usefixtures("s3_server")  # every test talks to the server
-
-
-def rows(store) -> dict[str, tuple]:
-    """path -> (id, embedding, size, sha256, width, height, phash) of a store's table."""
-    conn = sqlite3.connect(store / "images.sqlite")
-    try:
-        return {
-            r[1]: (r[0], np.frombuffer(r[2], "<f4"), *r[3:])
-            for r in conn.execute(
-                "SELECT id, path, embedding, size, sha256, width, height, phash FROM images"
-            )
-        }
-    finally:
-        conn.close()
-
-
-def assert_same_tables(a, b) -> None:
-    ra, rb = rows(a), rows(b)
-    assert sorted(ra) == sorted(rb)
-    for path in ra:
-        assert ra[path][0] == rb[path][0], f"id of {path}"
-        np.testing.assert_allclose(ra[path][1], rb[path][1], atol=1e-5, err_msg=path)
-        assert ra[path][2:] == rb[path][2:], f"file facts of {path}"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +88,7 @@ def test_bucket_store_equals_folder_store_then_updates(
     again = index_folder(url, store)
     assert (again.added, again.updated, again.removed) == (3, 2, 4)
     assert again.unchanged == N - 2 - 4 and again.images == N + 3 - 4
-    table = rows(store)
+    table = table_rows(store)
     for rel, data in changed.items():
         assert table[rel][3] == hashlib.sha256(data).hexdigest()
     assert "c/new_1000.jpg" in table and photo_name(10) not in table
@@ -146,8 +122,8 @@ def test_ray_from_a_bucket_equals_folder_store(tmp_path, photos200, folder_store
 def test_a_new_store_trains_from_a_bucket(tmp_path, photos_dir, tiny_store):
     url = upload_folder(photos_dir, "train-here", "deep/prefix")
     report = index_folder(url + "/", tmp_path / "store", model=TINY)  # trailing '/' is the same
-    assert report.trained and report.images == len(rows(tiny_store)) and not report.failed
-    got, want = rows(tmp_path / "store"), rows(tiny_store)
+    assert report.trained and report.images == len(table_rows(tiny_store)) and not report.failed
+    got, want = table_rows(tmp_path / "store"), table_rows(tiny_store)
     assert {p: (r[0], *r[2:4]) for p, r in got.items()} == {
         p: (r[0], *r[2:4]) for p, r in want.items()
     }
@@ -169,13 +145,13 @@ def test_missing_bucket_or_prefix_changes_nothing(tmp_path, photos200, folder_st
     url = upload_folder(photos200, "guarded", "photos")
     store = copy_model(folder_store, tmp_path / "store")
     index_folder(url, store)
-    before = rows(store)
+    before = table_rows(store)
     with pytest.raises(InvalidArgumentError, match="no such bucket or prefix"):
         index_folder("s3://guarded/phots", store)  # a typo
     s3_client().put_object(Bucket="guarded", Key="empty/readme.txt", Body=b"no photos")
     with pytest.raises(InvalidArgumentError, match=f"would remove {N} of the store's {N}"):
         index_folder("s3://guarded/empty", store)
-    assert rows(store).keys() == before.keys()
+    assert table_rows(store).keys() == before.keys()
     with Store.open(store) as st:
         assert st.photos_root == url
 
@@ -189,7 +165,7 @@ def test_api_serves_images_and_thumbnails_from_the_bucket(tmp_path, photos200, f
     url = upload_folder(photos200, "served", "photos")
     store = copy_model(folder_store, tmp_path / "store")
     index_folder(url, store)
-    image_id = rows(store)[photo_name(7)][0]
+    image_id = table_rows(store)[photo_name(7)][0]
     with TestClient(create_app(Settings(store=store))) as client:
         got = client.get(f"/images/{image_id}")
         assert got.status_code == 200
@@ -203,7 +179,7 @@ def test_api_serves_images_and_thumbnails_from_the_bucket(tmp_path, photos200, f
         assert hits[0]["id"] == image_id
         s3_client().delete_object(Bucket="served", Key=f"photos/{photo_name(7)}")
         assert client.get(f"/images/{image_id}").status_code == 404
-        other = rows(store)[photo_name(8)][0]
+        other = table_rows(store)[photo_name(8)][0]
         s3_client().delete_object(Bucket="served", Key=f"photos/{photo_name(8)}")
         assert client.get(f"/images/{other}/thumbnail?size=128").status_code == 404
 
@@ -223,7 +199,7 @@ def test_cli_indexes_a_bucket_and_refuses_to_move_objects(tmp_path, photos200, f
     assert moved.exit_code != 0
     lines = [line for line in moved.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--csv" in lines[0] and url in lines[0], moved.stderr
-    assert not (tmp_path / "dups").exists() and len(rows(store)) == N
+    assert not (tmp_path / "dups").exists() and len(table_rows(store)) == N
 
 
 def test_missing_extra_is_a_one_line_error(monkeypatch):

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import textured
 from PIL import Image
 
 from lookalike.dedupe import keep as keep_rule
 from lookalike.dedupe.keep import measure, original_key
-
-
-def textured(seed: int, size: tuple[int, int] = (192, 144)) -> Image.Image:
-    """A seeded photo-like image: detail at every scale (noise summed over octaves)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    out = np.zeros((h, w, 3))
-    for octave in range(1, 6):
-        small = rng.random((max(2, h >> octave), max(2, w >> octave), 3)) * 255
-        layer = Image.fromarray(small.astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
-        out += np.asarray(layer, dtype=np.float64) / 5
-    out += rng.random((h, w, 3)) * 40 - 20
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
 def save(img: Image.Image, path, **kw):

@@ -8,6 +8,7 @@ import hashlib
 import filelock
 import numpy as np
 import pytest
+from conftest import textured
 from PIL import Image
 
 from lookalike.index.meta import ImageRecord
@@ -16,20 +17,12 @@ from lookalike.store import Store
 cv2 = pytest.importorskip("cv2")
 from lookalike.dedupe import verification  # noqa: E402  (needs cv2 when it runs)
 
+
+def textured320(seed: int):  # the larger photo-like image these tests match at WORK_SIDE
+    return textured(seed, (320, 240))
+
+
 DIM = 4
-
-
-def textured(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
-    """A seeded photo-like image: detail at every scale (noise summed over octaves)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    out = np.zeros((h, w, 3))
-    for octave in range(1, 6):
-        small = rng.random((max(2, h >> octave), max(2, w >> octave), 3)) * 255
-        layer = Image.fromarray(small.astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
-        out += np.asarray(layer, dtype=np.float64) / 5
-    out += rng.random((h, w, 3)) * 40 - 20
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
 def crop(img: Image.Image, share: float = 0.75) -> Image.Image:
@@ -79,7 +72,7 @@ def described(monkeypatch):
 @pytest.fixture
 def three(tmp_path):
     """A store of a photo, a crop of it and a different photo (ids 1, 2, 3)."""
-    a, other = textured(1), textured(2)
+    a, other = textured320(1), textured320(2)
     return make_store(tmp_path, {"a.jpg": a, "a_crop.jpg": crop(a), "b.jpg": other})
 
 
@@ -107,7 +100,7 @@ def test_a_second_run_reads_the_cache_and_does_no_orb_work(three, described):
 def test_a_changed_file_is_verified_again(three, described):
     before = verification.Verifier(three).count(PAIRS)
     photos = three.root.parent / "photos"
-    rec = record(photos, "a_crop.jpg", textured(9))  # the same name, other content
+    rec = record(photos, "a_crop.jpg", textured320(9))  # the same name, other content
     three.db.write([(rec, three.index.reconstruct(np.array([2]))[0])])
     described.clear()
     after = verification.Verifier(three).count(PAIRS)
@@ -143,8 +136,8 @@ def test_duplicates_answers_while_another_process_writes(tmp_path):
     verified features though the writer lock is held elsewhere; nothing is cached then."""
     from lookalike.dedupe.grouping import duplicates
 
-    a = textured(1)
-    images = {"a.jpg": a, "a_crop.jpg": crop(a), "b.jpg": textured(2)}
+    a = textured320(1)
+    images = {"a.jpg": a, "a_crop.jpg": crop(a), "b.jpg": textured320(2)}
     store = make_store(tmp_path, images, [[1, 0, 0, 0], [0.8, 0.6, 0, 0], [0, 0, 1, 0]])
     with filelock.FileLock(store.root / ".write.lock").acquire(timeout=0):
         got = duplicates(store, threshold=0.95)
@@ -166,7 +159,7 @@ def test_a_file_whose_bytes_are_not_its_rows_sha_is_not_cached(three):
 def test_parallel_counts_equal_serial_ones(tmp_path, monkeypatch):
     images = {}
     for n in range(5):
-        img = textured(10 + n)
+        img = textured320(10 + n)
         images[f"p{n}.jpg"] = img
         images[f"p{n}_crop.jpg"] = crop(img, 0.7 + 0.05 * n)
     store = make_store(tmp_path, images)
@@ -201,7 +194,7 @@ def test_parallel_counts_equal_serial_ones(tmp_path, monkeypatch):
 
 
 def test_a_read_only_store_of_an_older_version_verifies_without_a_cache(tmp_path):
-    a = textured(1)
+    a = textured320(1)
     store = make_store(tmp_path, {"a.jpg": a, "a_crop.jpg": crop(a)})
     store.db.conn.execute("DROP TABLE verified_pairs")  # made before the cache existed ...
     store.db.readonly = True  # ... and opened read-only (root can write anywhere: faked)
