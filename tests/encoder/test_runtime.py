@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 from lookalike.config import ModelConfig
