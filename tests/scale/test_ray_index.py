@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import photo_name, png_header_only, write_photo
+from conftest import assert_same_tables, photo_name, png_header_only, table_rows, write_photo
 
 from lookalike.config import RayOptions
 from lookalike.index.meta import ImageRecord
@@ -51,30 +50,6 @@ def clone_model(trained: Path, dst: Path) -> Path:
     return copy_model(trained, dst)
 
 
-def rows(store: Path) -> dict[str, tuple]:
-    """path -> (id, embedding, size, sha256, width, height, phash) of a store's table."""
-    conn = sqlite3.connect(store / "images.sqlite")
-    try:
-        out = {}
-        for r in conn.execute(
-            "SELECT id, path, embedding, size, sha256, width, height, phash FROM images"
-        ):
-            out[r[1]] = (r[0], np.frombuffer(r[2], "<f4"), *r[3:])
-        return out
-    finally:
-        conn.close()
-
-
-def assert_same_tables(a: Path, b: Path, ids: bool = True) -> None:
-    ra, rb = rows(a), rows(b)
-    assert sorted(ra) == sorted(rb)
-    for path in ra:
-        if ids:
-            assert ra[path][0] == rb[path][0], f"id of {path}"
-        np.testing.assert_allclose(ra[path][1], rb[path][1], atol=1e-5, err_msg=path)
-        assert ra[path][2:] == rb[path][2:], f"file facts of {path}"
-
-
 def failed(report) -> list[tuple[str, str]]:
     return [(str(f.path), f.error) for f in report.failed]
 
@@ -108,7 +83,7 @@ def test_ray_path_matches_the_single_process_path(
 
     # the store serves the same neighbours
     with Store.open(store) as a, Store.open(out) as b:
-        vecs = np.stack([v[1] for v in rows(store).values()][:5])
+        vecs = np.stack([v[1] for v in table_rows(store).values()][:5])
         sa, ia = a.index.search(vecs, 5)
         sb, ib = b.index.search(vecs, 5)
         np.testing.assert_array_equal(ia, ib)
@@ -130,7 +105,7 @@ def test_interrupted_job_resumes_from_its_shards(
     assert len(shards) >= 2
     with np.load(shards[0]) as z:
         assert len(z["pos"]) == 8 and z["embedding"].shape == (8, 16)
-    assert not rows(out)  # nothing was merged: the table is as before
+    assert not table_rows(out)  # nothing was merged: the table is as before
 
     report = index_folder(collection, out, ray=SMALL)
     done_before = 8 * len(shards)
