@@ -204,8 +204,19 @@ def multipart(data: bytes) -> bytes:
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def bench_wrk(url: str, queries: list[bytes], args) -> list[dict]:
-    """The HTTP runs made by wrk: 1 connection (sequential), then each --clients level."""
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its waited-for children (/proc, Linux);
+    nan when there is no such process to read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return float("nan")
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_wrk(url: str, queries: list[bytes], args, server_pid: int | None = None) -> list[dict]:
+    """The HTTP runs made by wrk: 1 connection (sequential), then each --clients level; with
+    server_pid, the server's CPU time per request too (the figure the load moves least)."""
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         paths = []
         for i, data in enumerate(queries):
@@ -217,7 +228,9 @@ def bench_wrk(url: str, queries: list[bytes], args) -> list[dict]:
 
         def run(connections: int, seconds: int) -> dict:
             cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), target]
+            cpu = cpu_seconds(server_pid)
             out = subprocess.run(cmd + ["--", *map(str, paths)], capture_output=True, text=True)
+            cpu = cpu_seconds(server_pid) - cpu
             line = next((x for x in out.stdout.splitlines() if x.startswith("WRK ")), None)
             if line is None:
                 sys.exit(f"wrk failed: {out.stdout[-500:]} {out.stderr[-500:]}")
@@ -232,6 +245,7 @@ def bench_wrk(url: str, queries: list[bytes], args) -> list[dict]:
                 "p99": float(p99),
                 "mean": float(mean),
                 "server_p50": float("nan"),
+                "server_cpu_ms": cpu / int(n) * 1e3 if int(n) else float("nan"),
             }
 
         run(1, 2)  # warm-up
@@ -272,13 +286,14 @@ def row(path: str, mode: str, n: int, seconds: float, lat: list[float], took: li
 def markdown(rows: list[dict]) -> str:
     head = (
         "| path | load | requests | req/s | p50 ms | p95 ms | p99 ms | mean ms "
-        "| server p50 ms |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| server p50 ms | server CPU ms/request |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['path']} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} | {r['p50']:.1f} "
-            f"| {r['p95']:.1f} | {r['p99']:.1f} | {r['mean']:.1f} | {r['server_p50']:.1f} |"
+            f"| {r['p95']:.1f} | {r['p99']:.1f} | {r['mean']:.1f} | {r['server_p50']:.1f} "
+            f"| {r.get('server_cpu_ms', float('nan')):.2f} |"
         )
     return "\n".join(lines)
 
@@ -323,7 +338,7 @@ def main() -> None:
             if shutil.which("wrk") is None:
                 sys.exit("--wrk: no wrk on PATH (Debian: apt-get install wrk)")
             print("HTTP with wrk ...", file=sys.stderr, flush=True)
-            rows += bench_wrk(url, queries, args)
+            rows += bench_wrk(url, queries, args, None if proc is None else proc.pid)
     finally:
         if proc is not None:
             stop_server(proc)  # the in-process runs get the CPUs to themselves

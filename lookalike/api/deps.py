@@ -18,7 +18,8 @@ class Unauthorized(Exception):
     """A write without the right X-API-Key; create_app maps it to 401."""
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
+    # async: a plain def dependency costs every request a hop to the thread pool and back
     return request.app.state.engine
 
 

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel
 
 from ..engine import Hit
 from ..store import FORMAT_VERSION
@@ -56,6 +57,13 @@ def _results(hits: list[Hit]) -> list[Result]:
     ]
 
 
+def _json(model: BaseModel) -> Response:
+    """The model as JSON, serialised here in the route's thread: returning the model instead
+    makes FastAPI validate and serialise it again in another hop to the thread pool (0.2-0.4
+    ms a request at 100 req/s); the response_model still documents it."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def _read_upload(file: UploadFile) -> bytes:
     file.file.seek(0)
     return file.file.read()
@@ -66,7 +74,8 @@ def search(engine: EngineDep, file: Annotated[UploadFile, File(description="An i
     """The k stored images most similar to the uploaded one."""
     started = time.perf_counter()
     hits = engine.search_bytes(_read_upload(file), k)
-    return SearchResponse(results=_results(hits), took_ms=(time.perf_counter() - started) * 1e3)
+    took_ms = (time.perf_counter() - started) * 1e3
+    return _json(SearchResponse(results=_results(hits), took_ms=took_ms))
 
 
 @router.get(
@@ -76,7 +85,8 @@ def similar(engine: EngineDep, image_id: ImageId, k: K = 10):
     """The k stored images most similar to a stored one (itself excluded)."""
     started = time.perf_counter()
     hits = engine.search_id(image_id, k)
-    return SearchResponse(results=_results(hits), took_ms=(time.perf_counter() - started) * 1e3)
+    took_ms = (time.perf_counter() - started) * 1e3
+    return _json(SearchResponse(results=_results(hits), took_ms=took_ms))
 
 
 @router.get("/images/{image_id}", responses=ERRORS, response_class=FileResponse, tags=["images"])
@@ -155,10 +165,12 @@ def suggest(
     """Labels for the uploaded image from a similarity-weighted vote of its k look-alikes."""
     started = time.perf_counter()
     labels, hits = engine.suggest_bytes(_read_upload(file), k, top)
-    return SuggestResponse(
-        labels=[LabelScore(label=lab, score=round(s, 6)) for lab, s in labels],
-        neighbours=_results(hits),
-        took_ms=(time.perf_counter() - started) * 1e3,
+    return _json(
+        SuggestResponse(
+            labels=[LabelScore(label=lab, score=round(s, 6)) for lab, s in labels],
+            neighbours=_results(hits),
+            took_ms=(time.perf_counter() - started) * 1e3,
+        )
     )
 
 
