@@ -11,8 +11,14 @@ the table gives medians. Per child:
   batch     throughput on --batch images per call, images/s (all cores)
   rss       peak resident memory of the child at the end, MB
 
+With --eval PHOTOS (labelled photos, PHOTOS/<label>/<file>), instead: every photo embedded by
+both runtimes in this process, the lowest cosine between the two embeddings of a photo, and the
+retrieval figures of `lookalike eval retrieval` (p@1, p@10, map@10, knn_top1, knn_top3; each
+photo queries the others, exact inner product) computed on each runtime's embeddings.
+
 Example (the store must be trained):
   python scripts/bench_runtime.py --store S --runs 5
+  python scripts/bench_runtime.py --store S --eval ../shared/datasets/intel_scenes/images
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ from pathlib import Path
 import numpy as np
 
 
+def model_dir(store: Path) -> Path:
+    """The folder of the store's current model (STORE/model-N)."""
+    state = json.loads((store / "info.json").read_text())
+    return store / f"model-{state.get('model_serial', 0)}"
+
+
 def child(runtime: str, store: Path, queries: int, batch: int) -> dict:
     t0 = time.perf_counter()
     from lookalike.config import ModelConfig  # noqa: F401  (light; counted in both)
@@ -38,15 +50,14 @@ def child(runtime: str, store: Path, queries: int, batch: int) -> dict:
     else:
         from lookalike.encoder import embed  # tensorflow + keras + the model code
     t1 = time.perf_counter()
-    cfg = ModelConfig.from_dict(json.loads((store / "model" / "config.json").read_text()))
+    model = model_dir(store)
+    cfg = ModelConfig.from_dict(json.loads((model / "config.json").read_text()))
     if runtime == "ort":
         from lookalike.encoder.runtime import PortableEmbedder
 
-        embedder = PortableEmbedder(store / "model" / "embed.onnx", cfg)
+        embedder = PortableEmbedder(model / "embed.onnx", cfg)
     else:
-        embedder = embed.Embedder.load(
-            store / "model" / "encoder.keras", store / "model" / "whitening.npz", cfg
-        )
+        embedder = embed.Embedder.load(model / "encoder.keras", model / "whitening.npz", cfg)
     t2 = time.perf_counter()
     rng = np.random.default_rng(0)
     s = cfg.image_size
@@ -76,6 +87,50 @@ def child(runtime: str, store: Path, queries: int, batch: int) -> dict:
     }
 
 
+class ExactRanker:
+    """Each row's nearest other rows by inner product (what eval's rankers answer)."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+
+    def neighbours(self, queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        sims = self.vectors[queries] @ self.vectors.T
+        sims[np.arange(len(queries)), queries] = -np.inf  # not itself
+        idx = np.argsort(-sims, axis=1, kind="stable")[:, :m]
+        return idx, np.take_along_axis(sims, idx, axis=1)
+
+
+def eval_both(store: Path, photos: Path) -> dict:
+    """Retrieval figures of the same photos embedded by onnxruntime and by TensorFlow."""
+    from lookalike.config import ModelConfig
+    from lookalike.encoder.embed import Embedder
+    from lookalike.encoder.runtime import PortableEmbedder
+    from lookalike.evaluation.run import label_of, retrieval_scores
+    from lookalike.images import find_images, iter_batches
+
+    model = model_dir(store)
+    cfg = ModelConfig.from_dict(json.loads((model / "config.json").read_text()))
+    runtimes = {
+        "ort": PortableEmbedder(model / "embed.onnx", cfg),
+        "tf": Embedder.load(model / "encoder.keras", model / "whitening.npz", cfg),
+    }
+    paths = sorted(find_images(photos))
+    rels, out = [], {name: [] for name in runtimes}
+    for ok, _bad in iter_batches(paths, cfg.image_size, 256):
+        pixels = np.stack([im.pixels for im in ok])
+        rels += [im.path.relative_to(photos).as_posix() for im in ok]
+        for name, embedder in runtimes.items():
+            out[name].append(embedder(pixels))
+    vectors = {name: np.concatenate(v) for name, v in out.items()}
+    cosine = np.sum(vectors["ort"] * vectors["tf"], axis=1)
+    labels = [label_of(r) for r in rels]
+    queries = np.array([i for i, lab in enumerate(labels) if lab is not None])
+    result = {"photos": len(rels), "lowest_cosine": float(cosine.min())}
+    for name, v in vectors.items():
+        result[name] = retrieval_scores(ExactRanker(v), labels, queries, 10)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--store", type=Path, required=True)
@@ -83,7 +138,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--child", choices=("ort", "tf"))
+    ap.add_argument("--eval", type=Path, metavar="PHOTOS", help="compare eval figures instead")
     args = ap.parse_args()
+    if args.eval:
+        print(json.dumps(eval_both(args.store, args.eval), indent=1))
+        return
     if args.child:
         print(json.dumps(child(args.child, args.store, args.queries, args.batch)))
         return
