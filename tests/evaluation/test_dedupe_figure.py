@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from lookalike.evaluation.run import VERIFIED_SCORE, _verified_evidence, neardup_scores
+from lookalike.evaluation.neardup import VERIFIED_SCORE, _verified_evidence, neardup_scores
 
 # Two true groups {0, 1, 2} and {3, 4}; 5 and 6 are distractors. By cosine, 2 (a crop) is
 # far from its group, under a wrong pair (1, 5): no cut of the cosine ranking reaches 2.
