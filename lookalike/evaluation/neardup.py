@@ -219,64 +219,18 @@ def evaluate_neardup(
     with store_for(photos, store, model, progress, report) as st:
         engine = Engine(st)
         coll = load_collection(st)
-        listed = [truth.get(p) for p in coll.paths]
-        sizes = Counter(g for g in listed if g is not None)
-        groups = [g if g is not None and sizes[g] > 1 else None for g in listed]
-        members = np.array([i for i, g in enumerate(groups) if g is not None], np.int64)
-        if len(members) == 0:
-            raise InvalidArgumentError(
-                f"no group of {groups_csv} has two or more images in the store: check that its "
-                "file column holds paths relative to PHOTOS"
-            )
-        true_groups: dict[str, list[str]] = {}
-        for path, g in zip(coll.paths, groups):
-            if g is not None:
-                true_groups.setdefault(g, []).append(path)
+        truth_here = _GroupsHere(coll, truth, groups_csv)
         depth = min(len(coll) - 1, MAX_K)
         methods: dict[str, dict[str, Any]] = {}
         extra: dict[str, dict[str, Any]] = {}
         links, linked = _dedupe_links(st, coll)
         for ranker in all_rankers(engine, coll, timings):
             t0 = time.perf_counter()
-            lookalike = ranker.name == "lookalike"
-            evidence = None
-            if lookalike:
-                pred, threshold, note, verified = _lookalike_dedupe(st)
-                evidence = _verified_evidence(verified, coll)
-            scores, more = neardup_scores(
-                ranker, groups, members, depth, links if lookalike else None, evidence
+            methods[ranker.name], extra[ranker.name] = _score_ranker(
+                ranker, st, coll, truth_here, depth, (links, linked), notes
             )
-            if lookalike:
-                if note:
-                    notes.append(note)
-                more["dedupe"] = (
-                    f"lookalike dedupe: cosine >= {threshold} (its default), or {linked}"
-                )
-            elif ranker.name == "raw_pixels":
-                threshold = RAW_PIXELS_DEDUPE_THRESHOLD
-                pred = union_groups(ranker, threshold, coll.paths)
-                more["dedupe"] = f"cosine >= {threshold}, union-find"
-            else:
-                threshold = -PHASH_DEDUPE_DISTANCE
-                pred = union_groups(ranker, threshold, coll.paths)
-                more["dedupe"] = f"Hamming <= {PHASH_DEDUPE_DISTANCE}, union-find"
-            if pred is None:
-                scores.update(pair_precision=None, pair_recall=None, pair_f1=None)
-            else:
-                scores.update(metrics.pair_scores(pred, true_groups.values()))
-                more["dedupe_groups"] = len(pred)
-            order = [
-                "recall@3",
-                "mrr",
-                "pair_precision",
-                "pair_recall",
-                "pair_f1",
-                "recall@p0.95",
-                "dedupe_recall@p0.95",
-            ]
-            methods[ranker.name] = {key: scores[key] for key in order}
-            extra[ranker.name] = more
             timings[ranker.name] = time.perf_counter() - t0
+    members, true_groups = truth_here.members, truth_here.true_groups
     missing = sorted(f for f in truth if f not in set(coll.paths))
     report.update(
         n=int(len(members)),
@@ -289,22 +243,95 @@ def evaluate_neardup(
         mrr_depth=depth,
         methods=methods,
         details=extra,
-        notes=notes
-        + [
-            "recall@p0.95: best pair recall over score thresholds t whose pair precision is >= "
-            "0.95, the candidate pairs scoring >= t joined into groups as dedupe joins them "
-            f"(lookalike: also by its {linked} links); candidates are the pairs of each image "
-            f"with its {PAIR_CANDIDATES} nearest others, recall is over all true pairs",
-            "dedupe_recall@p0.95: the same sweep with pairs ranked by the evidence of each "
-            "method's own dedupe: for lookalike, exact copies and pHash links first, then the "
-            "pairs its local features verified (by inliers), then the rest by cosine; for the "
-            "baselines, whose dedupe is their score, it equals recall@p0.95 (which, for "
-            "lookalike, ranks by cosine: a figure of the embedding alone)",
-            f"mrr: over each member's {depth} nearest others (0 if no group-mate among them)",
-        ],
+        notes=notes + _neardup_notes(linked, depth),
         seconds=timings,
     )
     return finish_report(report, started)
+
+
+class _GroupsHere:
+    """The ground truth restricted to the store's images: groups[i] (None: a distractor), the
+    positions of group members (the queries) and each group's paths."""
+
+    def __init__(self, coll: Collection, truth: dict[str, str], groups_csv: Path):
+        listed = [truth.get(p) for p in coll.paths]
+        sizes = Counter(g for g in listed if g is not None)
+        self.groups = [g if g is not None and sizes[g] > 1 else None for g in listed]
+        self.members = np.array([i for i, g in enumerate(self.groups) if g is not None], np.int64)
+        if len(self.members) == 0:
+            raise InvalidArgumentError(
+                f"no group of {groups_csv} has two or more images in the store: check that its "
+                "file column holds paths relative to PHOTOS"
+            )
+        self.true_groups: dict[str, list[str]] = {}
+        for path, g in zip(coll.paths, self.groups):
+            if g is not None:
+                self.true_groups.setdefault(g, []).append(path)
+
+
+METHOD_KEYS = (
+    "recall@3",
+    "mrr",
+    "pair_precision",
+    "pair_recall",
+    "pair_f1",
+    "recall@p0.95",
+    "dedupe_recall@p0.95",
+)
+
+
+def _score_ranker(
+    ranker,
+    st: Store,
+    coll: Collection,
+    truth: _GroupsHere,
+    depth: int,
+    links: tuple[np.ndarray, str],
+    notes: list[str],
+) -> tuple[dict, dict]:
+    """(figures, details) of one ranker: its search figures, then its own dedupe's pairs
+    (lookalike: dedupe at its default threshold; baselines: union-find at theirs)."""
+    lookalike = ranker.name == "lookalike"
+    evidence = None
+    if lookalike:
+        pred, threshold, note, verified = _lookalike_dedupe(st)
+        evidence = _verified_evidence(verified, coll)
+    scores, more = neardup_scores(
+        ranker, truth.groups, truth.members, depth, links[0] if lookalike else None, evidence
+    )
+    if lookalike:
+        if note:
+            notes.append(note)
+        more["dedupe"] = f"lookalike dedupe: cosine >= {threshold} (its default), or {links[1]}"
+    elif ranker.name == "raw_pixels":
+        threshold = RAW_PIXELS_DEDUPE_THRESHOLD
+        pred = union_groups(ranker, threshold, coll.paths)
+        more["dedupe"] = f"cosine >= {threshold}, union-find"
+    else:
+        threshold = -PHASH_DEDUPE_DISTANCE
+        pred = union_groups(ranker, threshold, coll.paths)
+        more["dedupe"] = f"Hamming <= {PHASH_DEDUPE_DISTANCE}, union-find"
+    if pred is None:
+        scores.update(pair_precision=None, pair_recall=None, pair_f1=None)
+    else:
+        scores.update(metrics.pair_scores(pred, truth.true_groups.values()))
+        more["dedupe_groups"] = len(pred)
+    return {key: scores[key] for key in METHOD_KEYS}, more
+
+
+def _neardup_notes(linked: str, depth: int) -> list[str]:
+    return [
+        "recall@p0.95: best pair recall over score thresholds t whose pair precision is >= "
+        "0.95, the candidate pairs scoring >= t joined into groups as dedupe joins them "
+        f"(lookalike: also by its {linked} links); candidates are the pairs of each image "
+        f"with its {PAIR_CANDIDATES} nearest others, recall is over all true pairs",
+        "dedupe_recall@p0.95: the same sweep with pairs ranked by the evidence of each "
+        "method's own dedupe: for lookalike, exact copies and pHash links first, then the "
+        "pairs its local features verified (by inliers), then the rest by cosine; for the "
+        "baselines, whose dedupe is their score, it equals recall@p0.95 (which, for "
+        "lookalike, ranks by cosine: a figure of the embedding alone)",
+        f"mrr: over each member's {depth} nearest others (0 if no group-mate among them)",
+    ]
 
 
 def union_groups(ranker, min_score: float, paths: list[str]) -> list[list[str]]:
