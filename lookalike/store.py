@@ -722,6 +722,8 @@ class Store:
         current generation has no index file yet), the last consistent index and its model
         keep being served.
         """
+        if self._index is not None and self.db.generation == self._index_generation:
+            return False  # the common case, read without the lock: searches do not queue here
         with self.lock:
             if self._index is None or self.db.generation == self._index_generation:
                 return False
