@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from .config import IndexOptions, ModelConfig, RayOptions
 from .errors import InvalidArgumentError
 from .images import IMAGE_SUFFIXES, DecodedImage, FailedImage, find_images, iter_batches, phash64
 from .index.knn import resolve_index_type
-from .index.meta import ImageRecord
+from .index.meta import ImageRecord, NewRows
 from .labels import FOLDERS, apply_labels, read_labels_csv
 from .photos import BucketPhotos, LocalPhotos, open_photos
 from .store import UPLOAD_PREFIX, Store, remove_thumbnails
@@ -112,15 +113,37 @@ def index_folder(
     return report
 
 
+class Todo(NamedTuple):
+    """One file of the to-do list, with what the plan knew of it."""
+
+    pos: int  # position in the collection order of this run
+    rel: str  # the table's path
+    location: Path | str  # a Path, or an object's URL
+    size: int  # the file's facts when planned (an object's: from the listing)
+    mtime: float
+    kind: str  # added | maybe (size or mtime differ: the sha256 decides) | stale
+    id: int | None = None  # the table's row of the file (None when added)
+    sha256: str | None = None
+    model: int | None = None
+    no_phash: bool = False  # a row of an older version without a pHash: decoded again once
+
+
 @dataclass
 class Plan:
     """What one run has to do: the files to (re)embed, in collection order, and why."""
 
-    todo: list[Path | str]  # locations: a Path, or an object's URL
-    kind: dict[str, str]  # rel path -> added | updated | maybe | stale
-    states: dict  # rel path -> (id, size, mtime, sha256, model) of the rows in the table
-    no_phash: set[str]  # rows of an older version without a pHash: decoded again once
+    todo: list[Todo]
     removed_ids: list[int]  # rows whose file is gone
+    positions: int = 0  # files in the collection (uploads included): positions are below
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def lookup(self, rels: list[str]) -> dict[str, Todo]:
+        """The to-do items of these table paths (those that have one)."""
+        if not hasattr(self, "_by_rel"):
+            self._by_rel = {t.rel: t for t in self.todo}
+        return {rel: self._by_rel[rel] for rel in rels if rel in self._by_rel}
 
 
 SCAN_EVERY = 200  # files between two scan progress calls
@@ -154,63 +177,60 @@ def plan_changes(store: Store, photos: Source, files: list, report: IndexReport)
     no_phash = store.db.without_phash()
     serial = store.model_serial
     seen: set[str] = set()
-    todo: list[Path] = []
-    kind: dict[str, str] = {}
-    for path in files + uploads:
+    todo: list[Todo] = []
+    for pos, path in enumerate(files + uploads):
         rel = store.table_path(path, photos.root)
         seen.add(rel)
         state = states.get(rel)
-        if state is None:
-            kind[rel] = "added"
-        else:
+        try:
             size, mtime = photos.stat(path)
-            if size == state[1] and mtime == state[2]:
-                if state[4] == serial and rel not in no_phash:
-                    report.unchanged += 1
-                    continue
-                kind[rel] = "stale"
-            else:
-                kind[rel] = "maybe"  # size or mtime differ: the sha256 decides
-        todo.append(path)
+        except OSError:  # gone since the scan: reading it fails and is reported
+            size, mtime = -1, -1.0
+        if state is None:
+            todo.append(Todo(pos, rel, path, size, mtime, "added"))
+            continue
+        old = rel in no_phash
+        if size == state[1] and mtime == state[2]:
+            if state[4] == serial and not old:
+                report.unchanged += 1
+                continue
+            kind = "stale"
+        else:
+            kind = "maybe"  # size or mtime differ: the sha256 decides
+        todo.append(Todo(pos, rel, path, size, mtime, kind, state[0], state[3], state[4], old))
     removed_ids = [states[rel][0] for rel in states if rel not in seen]
-    return Plan(todo, kind, states, no_phash, removed_ids)
+    return Plan(todo, removed_ids, len(files) + len(uploads))
 
 
 class Committer:
     """Writes embedded files to the table (one transaction per batch) and keeps the index and
     the report in step; shared by the single-process and the Ray paths."""
 
-    def __init__(self, store: Store, plan: Plan, index, report: IndexReport):
+    def __init__(self, store: Store, plan: Plan | None, index, report: IndexReport):
         self.store = store
-        self.plan = plan
         self.index = index
         self.report = report
         self.serial = store.model_serial
         self.failed: dict[Path, FailedImage] = {}
         self._touches: list[tuple[int, float, int]] = []
 
-    def fail(self, bad: list[FailedImage], rels: list[str]) -> None:
+    def fail(self, bad: list[FailedImage], items: list[Todo]) -> None:
         """Report unreadable files; a file that was indexed and is now unreadable is dropped."""
-        for f, rel in zip(bad, rels):
+        for f, item in zip(bad, items):
             self.failed.setdefault(f.path, f)
-            state = self.plan.states.get(rel)
-            if state is not None:  # it cannot be served any more
-                self.store.db.write(deletes=[state[0]])
+            if item.id is not None:  # it cannot be served any more
+                self.store.db.write(deletes=[item.id])
                 if self.index is not None:
                     with self.store.lock:
-                        self.index.remove(np.array([state[0]]))
+                        self.index.remove(np.array([item.id]))
 
-    def triage(self, rel: str, sha256: str, mtime: float, size: int) -> str | None:
+    def triage(self, item: Todo, sha256: str, mtime: float, size: int) -> str | None:
         """The kind of write a decoded file needs, or None when it is unchanged after all
         (same bytes under a new mtime: only the file facts are updated)."""
-        state, k = self.plan.states.get(rel), self.plan.kind[rel]
-        if k == "maybe" and state[3] == sha256:
-            k = (
-                "unchanged"
-                if state[4] == self.serial and rel not in self.plan.no_phash
-                else "stale"
-            )
-            self._touches.append((state[0], mtime, size))
+        k = item.kind
+        if k == "maybe" and item.sha256 == sha256:
+            k = "unchanged" if item.model == self.serial and not item.no_phash else "stale"
+            self._touches.append((item.id, mtime, size))
             if k == "unchanged":
                 self.report.unchanged += 1
                 return None
@@ -232,16 +252,29 @@ class Committer:
                 with self.store.lock:
                     self.index.remove(np.array(replaced))  # replaced rows keep their id
                     self.index.add(np.stack([v for _, v, _ in rows]), np.array(ids))
-            for _, _, k in rows:
-                if k == "added":
-                    self.report.added += 1
-                elif k == "updated":
-                    self.report.updated += 1
-                else:
-                    self.report.reembedded += 1
-                    self.report.unchanged += 1
+            self._count(k for _, _, k in rows)
         elif touches:
             self.store.db.write(touches=touches)
+
+    def commit_new(self, rows: NewRows) -> None:
+        """Insert rows of new paths given as columns (all of kind added), and the touches
+        triage collected, in one transaction: the merge's path for millions of rows."""
+        touches, self._touches = self._touches, []
+        ids = self.store.db.insert_columns(rows, touches=touches, model=self.serial)
+        if self.index is not None and ids:
+            with self.store.lock:
+                self.index.add(np.asarray(rows.embedding, np.float32), np.array(ids))
+        self.report.added += len(ids)
+
+    def _count(self, kinds) -> None:
+        for k in kinds:
+            if k == "added":
+                self.report.added += 1
+            elif k == "updated":
+                self.report.updated += 1
+            else:
+                self.report.reembedded += 1
+                self.report.unchanged += 1
 
 
 def check_removals(store: Store, photos: Source, files: list, prune: bool) -> None:
@@ -351,12 +384,19 @@ def _update(store, photos, files, options, progress, report, ray, failed, decode
 def _embed_here(store, photos, plan, committer, cfg, options, progress, known=None):
     """Decode on a thread pool (``known``: files decoded already) and embed in this process,
     one committed batch at a time; returns the embedder (None when there was nothing to embed)."""
-    todo = plan.todo
-    embedder = store.load_embedder() if todo else None
-    progress("embed", 0, len(todo))
+    total = len(plan)
+    embedder = store.load_embedder() if total else None
+    progress("embed", 0, total)
+    pending: dict = {}  # location -> its to-do item, for the files being decoded
+
+    def locations():
+        for item in plan.todo:
+            pending[item.location] = item
+            yield item.location
+
     done = 0
     for ok, bad in iter_batches(
-        todo,
+        locations(),
         cfg.image_size,
         options.batch_size,
         workers=options.workers,
@@ -364,14 +404,14 @@ def _embed_here(store, photos, plan, committer, cfg, options, progress, known=No
         max_bytes=options.max_decode_bytes,
         known=known,
     ):
-        committer.fail(bad, [store.table_path(f.path, photos.root) for f in bad])
+        committer.fail(bad, [pending.pop(f.path) for f in bad])
         keep = []
         for im in ok:
-            rel = store.table_path(im.path, photos.root)
-            mtime = photos.stat(im.path)[1]
-            k = committer.triage(rel, im.sha256, mtime, im.nbytes)
+            item = pending.pop(im.path)
+            mtime = photos.fresh(im.path, (item.size, item.mtime))[1]
+            k = committer.triage(item, im.sha256, mtime, im.nbytes)
             if k is not None:
-                keep.append((im, rel, k, mtime))
+                keep.append((im, item.rel, k, mtime))
         vectors = []
         if keep:
             t0 = time.perf_counter()
@@ -381,7 +421,7 @@ def _embed_here(store, photos, plan, committer, cfg, options, progress, known=No
             [(_record(im, rel, mtime), v, k) for (im, rel, k, mtime), v in zip(keep, vectors)]
         )
         done += len(ok) + len(bad)
-        progress("embed", done, len(todo))
+        progress("embed", done, total)
     return embedder
 
 

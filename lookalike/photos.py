@@ -151,6 +151,10 @@ class LocalPhotos:
         st = os.stat(location)
         return st.st_size, st.st_mtime
 
+    def fresh(self, location: Path | str, listed: tuple[int, float]) -> tuple[int, float]:
+        """(size, mtime) of a file now: a file is asked again (it may have changed since)."""
+        return self.stat(location)
+
     def locate(self, rel: str) -> Path:
         return self.root / rel
 
@@ -201,6 +205,11 @@ class BucketPhotos:
             except FileNotFoundError:
                 raise OSError(f"no such object: {location}") from None
         return facts
+
+    def fresh(self, location: Path | str, listed: tuple[int, float]) -> tuple[int, float]:
+        """(size, LastModified) of an object as the listing gave it (a request per object would
+        only repeat it); an upload kept in the store is a file, asked again."""
+        return listed if is_url(location) else self.stat(location)
 
     def locate(self, rel: str) -> str:
         return f"{self.root}/{rel}"
