@@ -195,6 +195,23 @@ class EmbedActor:
         return out
 
 
+def _blocks(items, rows: int):
+    """The to-do items as Ray Data input blocks of ``rows`` files, each put into Ray's object
+    store as it is made (the driver never holds the whole list)."""
+    import pyarrow as pa
+    import ray
+
+    names = ("pos", "rel", "path", "size", "mtime")
+    block: list[tuple] = []
+    for t in items:
+        block.append((t.pos, t.rel, str(t.location), t.size, t.mtime))
+        if len(block) == rows:
+            yield ray.put(pa.table({n: [b[c] for b in block] for c, n in enumerate(names)}))
+            block = []
+    if block:
+        yield ray.put(pa.table({n: [b[c] for b in block] for c, n in enumerate(names)}))
+
+
 def _model_files(store) -> dict[str, bytes]:
     store.ensure_portable_model()  # an older store's model is exported here, once
     return {name: (store.model_dir / name).read_bytes() for name in MODEL_FILES}
@@ -215,19 +232,14 @@ def embed_on_ray(
 
     shards = ShardDir(store.root / "shards", store.model_serial, store.dim)
     # a shard row counts only if its file has the size and mtime the plan saw
-    covered = shards.covered()
-    items = [
-        (t.pos, t.rel, str(t.location), t.size, t.mtime)
-        for t in plan.todo
-        if (t.rel, t.size, t.mtime) not in covered
-    ]
-    del covered
+    plan.listing.cover(shards.covered_rows())
+    todo = plan.listing.todo_count_uncovered()
     total = len(plan)
-    resumed = total - len(items)
+    resumed = total - todo
     committer.report.resumed = resumed
     progress("embed", resumed, total)
 
-    if items:
+    if todo:
         started = time.perf_counter()
         cpus = ray.cluster_resources().get("CPU", 1.0)
         n, per_actor, threads = pool_size(cpus, opts.workers)
@@ -242,18 +254,11 @@ def embed_on_ray(
             "cpus": cpus,
             "actors": n,
             "actor_cpus": per_actor,
-            "embedded": len(items),
+            "embedded": todo,
         }
         model_ref = ray.put(_model_files(store))
-        import pyarrow as pa
-
         rows = max(opts.batch_size, min(BLOCK_ROWS, opts.shard_rows))
-        names = ("pos", "rel", "path", "size", "mtime")
-        tables = [
-            pa.table({name: [i[c] for i in items[s : s + rows]] for c, name in enumerate(names)})
-            for s in range(0, len(items), rows)
-        ]
-        ds = ray.data.from_arrow(tables)
+        ds = ray.data.from_arrow_refs(list(_blocks(plan.items(uncovered=True), rows)))
         ds = ds.map_batches(
             decode_batch,
             fn_kwargs={"size": cfg.image_size, "max_pixels": options.max_pixels},
@@ -371,7 +376,7 @@ def _shard_rows(rows, plan, committer, merged: np.ndarray, batch: _Batch) -> Non
         order = np.argsort(pos, kind="stable")
     rels, sizes, mtimes = (rows[n][order].tolist() for n in ("rel", "size", "mtime"))
     errors = rows["error"][order]
-    items = plan.lookup(rels)
+    items = plan.lookup(rels, pos[order].tolist())
     new: list[int] = []
     bad, bad_items = [], []
     kept = len(batch.records)

@@ -129,6 +129,7 @@ def merge_store(root: Path, bulk: bool, monkeypatch) -> tuple:
     """A store of 4 rows, and shards of 8 to-do files merged into it: new files, a changed
     one, one rewritten with its old bytes, a stale one, an unreadable indexed one, a file
     changed after it was embedded, and a row found in two shards."""
+    from lookalike.index.listing import Listing
     from lookalike.indexer import Committer, IndexReport, Plan, Todo
     from lookalike.scale import ray_index
     from lookalike.scale.shards import ShardDir
@@ -146,7 +147,11 @@ def merge_store(root: Path, bulk: bool, monkeypatch) -> tuple:
         Todo(3, "d/00003.jpg", "x", 7, 2.0, "maybe", 4, sha[3], 1),  # unreadable now
         *(Todo(p, f"n/{p}.jpg", "x", p, 1.0, "added") for p in range(4, 9)),
     ]
-    plan = Plan(todo, [], positions=9)
+    listing = Listing(root, store.db.path)
+    listing.add((t.rel, None, None) for t in todo)
+    listing.indexed()
+    listing.add_todo([(*t[:2], *t[3:9], int(t.no_phash)) for t in todo])
+    plan = Plan(listing, lambda rel: "x", np.zeros(0, np.int64))
     shards = ShardDir(store.root / "shards", 2, 8)
     rng = np.random.default_rng(1)
 
@@ -169,6 +174,7 @@ def merge_store(root: Path, bulk: bool, monkeypatch) -> tuple:
     committer = Committer(store, plan, None, report)
     ray_index._merge(shards, plan, committer, lambda *a: None)
     names = {r[0] for r in store.db.conn.execute("SELECT name FROM sqlite_master")}
+    listing.close()
     store.close()
     return report, sorted(committer.failed), names
 
