@@ -153,14 +153,14 @@ class Plan:
 
     def items(self, uncovered: bool = False) -> Iterator[Todo]:
         """The to-do list; with ``uncovered``, without the files the covered rows hold."""
-        return map(self._todo, self.listing.todo(uncovered))
+        return map(self.item, self.listing.todo(uncovered))
 
-    def lookup(self, rels: list[str], positions: list[int]) -> dict[str, Todo]:
-        """The to-do items of these table paths (those that have one), expected at these
-        positions."""
-        return {rel: self._todo(row) for rel, row in self.listing.todo_of(rels, positions).items()}
+    def rows_of(self, rels: list[str], positions: list[int]) -> dict[str, tuple]:
+        """rel -> to-do row (pos, rel, size, mtime, kind, id, sha256, model, no_phash) of these
+        table paths (those that have one), expected at these positions; item() makes a Todo."""
+        return self.listing.todo_of(rels, positions)
 
-    def _todo(self, row: tuple) -> Todo:
+    def item(self, row: tuple) -> Todo:
         pos, rel, size, mtime, kind, id_, sha256, model, no_phash = row
         return Todo(
             pos, rel, self.locate(rel), size, mtime, kind, id_, sha256, model, no_phash == 1

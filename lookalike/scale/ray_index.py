@@ -375,24 +375,24 @@ def _shard_rows(rows, plan, committer, merged: np.ndarray, batch: _Batch) -> Non
     if len(pos) > 1 and not bool(np.all(pos[:-1] <= pos[1:])):
         order = np.argsort(pos, kind="stable")
     rels, sizes, mtimes = (rows[n][order].tolist() for n in ("rel", "size", "mtime"))
-    errors = rows["error"][order]
-    items = plan.lookup(rels, pos[order].tolist())
+    errors = rows["error"][order].tolist()
+    found = plan.rows_of(rels, pos[order].tolist())
     new: list[int] = []
     bad, bad_items = [], []
     kept = len(batch.records)
     for i, (rel, size, mtime) in enumerate(zip(rels, sizes, mtimes)):
-        item = items.get(rel)
-        if item is None or item.size != size or item.mtime != mtime or merged[item.pos]:
+        row = found.get(rel)  # (pos, rel, size, mtime, kind, ...) as planned
+        if row is None or row[2] != size or row[3] != mtime or merged[row[0]]:
             continue  # not to do, merged already, or the file changed since it was embedded
-        merged[item.pos] = True
+        merged[row[0]] = True
         if errors[i]:
-            bad.append(FailedImage(committer.store.file_path(rel), str(errors[i])))
-            bad_items.append(item)
-        elif item.kind == "added":
+            bad.append(FailedImage(committer.store.file_path(rel), errors[i]))
+            bad_items.append(plan.item(row))
+        elif row[4] == "added":
             new.append(i)
         else:
             j = order[i]
-            k = committer.triage(item, str(rows["sha256"][j]), mtime, size)
+            k = committer.triage(plan.item(row), str(rows["sha256"][j]), mtime, size)
             if k is not None:
                 batch.records.append((_record(rows, j, rel, size, mtime), rows["embedding"][j], k))
     committer.fail(bad, bad_items)
