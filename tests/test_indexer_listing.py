@@ -8,6 +8,7 @@ import os
 
 import pytest
 from conftest import PHOTO_SEEDS, assert_same_tables, copy_store, photo_name, write_photo
+from s3server import s3_server  # noqa: F401  (a fixture)
 
 from lookalike.index import listing as listing_module
 from lookalike.index.listing import LISTING_FILE, Listing
@@ -103,3 +104,31 @@ def test_an_interrupted_plan_leaves_a_store_the_next_run_completes(store_copy, m
         assert len(st.db) == N  # nothing was changed yet
     report = index_folder(photos, store)
     assert (report.added, report.unchanged, report.images) == (7, N, N + 7)
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_a_bucket_run_takes_every_object_fact_from_its_listing(
+    tmp_path, photos_dir, tiny_store, monkeypatch
+):
+    """No request per object: sizes and LastModified travel with the listing on disk."""
+    from s3server import s3_client, upload_folder
+
+    from lookalike.photos import BucketPhotos
+    from lookalike.store import copy_model
+
+    url = upload_folder(photos_dir, "facts-listed", "p")
+    store = copy_model(tiny_store, tmp_path / "store")
+    asked = []
+    stat = BucketPhotos.stat
+    monkeypatch.setattr(
+        BucketPhotos, "stat", lambda self, loc: asked.append(loc) or stat(self, loc)
+    )
+    assert index_folder(url, store).added == N
+    s3_client().put_object(
+        Bucket="facts-listed",
+        Key=f"p/{photo_name(4)}",
+        Body=(photos_dir / photo_name(9)).read_bytes(),
+    )
+    again = index_folder(url, store)
+    assert (again.added, again.updated, again.unchanged) == (0, 1, N - 1)
+    assert asked == []

@@ -53,7 +53,9 @@ class Listing:
     def __init__(self, folder: Path, table: Path):
         self.path = folder / LISTING_FILE
         self.path.unlink(missing_ok=True)
-        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.conn = sqlite3.connect(  # uri=True: ATTACH below takes a read-only URI
+            self.path.resolve().as_uri(), uri=True, isolation_level=None, check_same_thread=False
+        )
         self.conn.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE;"
             "PRAGMA cache_size=-65536;" + SCHEMA
