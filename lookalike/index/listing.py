@@ -183,20 +183,16 @@ class Listing:
         return self.conn.execute(f"SELECT COUNT(*) FROM todo t WHERE 1{UNCOVERED}").fetchone()[0]
 
     def todo_of(self, rels: list[str], positions: list[int]) -> dict[str, tuple]:
-        """rel -> to-do row of these paths (those that have one). ``positions``: where each
-        path is expected (a shard row's position): one range scan when they are right, a
-        lookup by path for the others."""
+        """rel -> to-do row of these paths (those that have one; rows of other paths may come
+        along). ``positions``: where each path is expected (a shard row's position): one
+        range scan finds them when they are right, a lookup by path the others."""
         out: dict[str, tuple] = {}
         if positions:
             rows = self.conn.execute(
                 f"SELECT {TODO_COLUMNS} FROM todo WHERE pos BETWEEN ? AND ? ORDER BY pos LIMIT ?",
                 (min(positions), max(positions), 2 * len(positions) + 16),
             ).fetchall()  # bounded: a shard of another run is found by path below
-            at = {r[0]: r for r in rows}
-            for rel, pos in zip(rels, positions):
-                row = at.get(pos)
-                if row is not None and row[1] == rel:
-                    out[rel] = row
+            out = {row[1]: row for row in rows}
         rest = [rel for rel in rels if rel not in out]
         for start in range(0, len(rest), 900):
             chunk = rest[start : start + 900]

@@ -338,7 +338,7 @@ def _merge_shards(shards: ShardDir, plan, committer, progress) -> int:
     """The merge itself; returns the number of to-do files a shard row was found for."""
     total = len(shards.paths())
     progress("merge", 0, total)
-    merged = np.zeros(plan.positions, bool)  # by position: a file found in two shards once
+    merged = bytearray(plan.positions)  # 1 at the position of a file merged: found once
     batch = _Batch()
     for number, rows in enumerate(shards.rows(), 1):
         _shard_rows(rows, plan, committer, merged, batch)
@@ -346,7 +346,7 @@ def _merge_shards(shards: ShardDir, plan, committer, progress) -> int:
             batch.commit(committer)
         progress("merge", number, total)
     batch.commit(committer)
-    return int(merged.sum())
+    return merged.count(1)
 
 
 class _Batch:
@@ -367,7 +367,7 @@ class _Batch:
         self.__init__()
 
 
-def _shard_rows(rows, plan, committer, merged: np.ndarray, batch: _Batch) -> None:
+def _shard_rows(rows, plan, committer, merged: bytearray, batch: _Batch) -> None:
     """Add a shard's rows to write to the batch, in collection order; its unreadable files are
     reported (and dropped from the table) at once."""
     pos = rows["pos"]
@@ -384,7 +384,7 @@ def _shard_rows(rows, plan, committer, merged: np.ndarray, batch: _Batch) -> Non
         row = found.get(rel)  # (pos, rel, size, mtime, kind, ...) as planned
         if row is None or row[2] != size or row[3] != mtime or merged[row[0]]:
             continue  # not to do, merged already, or the file changed since it was embedded
-        merged[row[0]] = True
+        merged[row[0]] = 1
         if errors[i]:
             bad.append(FailedImage(committer.store.file_path(rel), errors[i]))
             bad_items.append(plan.item(row))
