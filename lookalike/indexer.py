@@ -251,7 +251,8 @@ def plan_changes(store: Store, photos: Source, listing: Listing, report: IndexRe
 
 class Committer:
     """Writes embedded files to the table (one transaction per batch) and keeps the index and
-    the report in step; shared by the single-process and the Ray paths."""
+    the report in step; shared by the single-process and the Ray paths. The to-do items carry
+    what it needs of the plan (``plan`` is accepted for older callers and not used)."""
 
     def __init__(self, store: Store, plan: Plan | None, index, report: IndexReport):
         self.store = store

@@ -338,10 +338,18 @@ class MetaDB:
                 cur.execute(f"DROP INDEX IF EXISTS {name}")
         try:
             yield
-        finally:
-            with self.transaction() as cur:
-                for statement in SECONDARY_INDEXES.values():
-                    cur.execute(statement)
+        except BaseException:
+            try:
+                self._create_indexes()
+            except Exception as exc:  # a full disk, say: the load's own error is the one to see
+                log.warning("indexes not built again (the next open builds them): %s", exc)
+            raise
+        self._create_indexes()
+
+    def _create_indexes(self) -> None:
+        with self.transaction() as cur:
+            for statement in SECONDARY_INDEXES.values():
+                cur.execute(statement)
 
     def set_labels(self, path_labels: Iterable[tuple[str, tuple[str, ...]]]) -> int:
         """Set the labels of the given paths in one transaction (no re-embedding); returns the

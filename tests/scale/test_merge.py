@@ -194,3 +194,17 @@ def test_a_bulk_merge_writes_what_a_merge_into_a_big_table_writes(tmp_path, monk
     assert "n/6.jpg" not in by_path and "d/00003.jpg" not in by_path
     assert by_path["d/00000.jpg"][2:4] == (7, 2.0) and by_path["d/00000.jpg"][9] == 2  # same bytes
     assert by_path["d/00001.jpg"][4] == "f" * 64 and by_path["d/00002.jpg"][9] == 2
+
+
+def test_a_failed_index_build_does_not_hide_the_error_of_the_load(tmp_path, monkeypatch):
+    db = MetaDB(tmp_path / "t.sqlite")
+
+    def disk_full(self):
+        raise StoreWriteError("disk full")
+
+    monkeypatch.setattr(MetaDB, "_create_indexes", disk_full)
+    with pytest.raises(RuntimeError, match="the load's own"):
+        with db.bulk_load():
+            raise RuntimeError("the load's own")
+    monkeypatch.undo()
+    assert {"images_sha256", "images_mtime"} <= index_names(MetaDB(tmp_path / "t.sqlite"))
