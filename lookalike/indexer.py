@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,7 +17,8 @@ from .config import IndexOptions, ModelConfig, RayOptions
 from .errors import InvalidArgumentError
 from .images import IMAGE_SUFFIXES, DecodedImage, FailedImage, find_images, iter_batches, phash64
 from .index.knn import resolve_index_type
-from .index.meta import ImageRecord
+from .index.listing import Listing
+from .index.meta import ImageRecord, NewRows
 from .labels import FOLDERS, apply_labels, read_labels_csv
 from .photos import BucketPhotos, LocalPhotos, open_photos
 from .store import UPLOAD_PREFIX, Store, remove_thumbnails
@@ -112,15 +114,57 @@ def index_folder(
     return report
 
 
+class Todo(NamedTuple):
+    """One file of the to-do list, with what the plan knew of it."""
+
+    pos: int  # position in the collection order of this run
+    rel: str  # the table's path
+    location: Path | str  # a Path, or an object's URL
+    size: int  # the file's facts when planned (an object's: from the listing)
+    mtime: float
+    kind: str  # added | maybe (size or mtime differ: the sha256 decides) | stale
+    id: int | None = None  # the table's row of the file (None when added)
+    sha256: str | None = None
+    model: int | None = None
+    no_phash: bool = False  # a row of an older version without a pHash: decoded again once
+
+
 @dataclass
 class Plan:
-    """What one run has to do: the files to (re)embed, in collection order, and why."""
+    """What one run has to do: the files to (re)embed, in collection order, and why; read from
+    the run's listing (on disk) a chunk at a time."""
 
-    todo: list[Path | str]  # locations: a Path, or an object's URL
-    kind: dict[str, str]  # rel path -> added | updated | maybe | stale
-    states: dict  # rel path -> (id, size, mtime, sha256, model) of the rows in the table
-    no_phash: set[str]  # rows of an older version without a pHash: decoded again once
-    removed_ids: list[int]  # rows whose file is gone
+    listing: Listing
+    locate: Callable[[str], Path | str]  # table path -> location
+    removed_ids: np.ndarray  # rows whose file is gone
+
+    @property
+    def positions(self) -> int:
+        """Entries in the listing (uploads included): every position is below."""
+        return self.listing.count
+
+    def __len__(self) -> int:
+        return self.listing.todo_count
+
+    @property
+    def todo(self) -> Iterator[Todo]:
+        """The to-do list in collection order (streamed)."""
+        return self.items()
+
+    def items(self, uncovered: bool = False) -> Iterator[Todo]:
+        """The to-do list; with ``uncovered``, without the files the covered rows hold."""
+        return map(self.item, self.listing.todo(uncovered))
+
+    def rows_of(self, rels: list[str], positions: list[int]) -> dict[str, tuple]:
+        """rel -> to-do row (pos, rel, size, mtime, kind, id, sha256, model, no_phash) of these
+        table paths (those that have one), expected at these positions; item() makes a Todo."""
+        return self.listing.todo_of(rels, positions)
+
+    def item(self, row: tuple) -> Todo:
+        pos, rel, size, mtime, kind, id_, sha256, model, no_phash = row
+        return Todo(
+            pos, rel, self.locate(rel), size, mtime, kind, id_, sha256, model, no_phash == 1
+        )
 
 
 SCAN_EVERY = 200  # files between two scan progress calls
@@ -136,81 +180,105 @@ def scan(store: Store, photos: Path | Source, progress: ProgressFn | None = None
     progress("scan", found, 0) is called every SCAN_EVERY files and at the end (total unknown).
     """
     source = photos if isinstance(photos, Source) else open_photos(photos)
-    files: list = []
-    for p in source.files(IMAGE_SUFFIXES):
-        if isinstance(source, BucketPhotos) or not p.resolve().is_relative_to(store.root):
-            files.append(p)
-            if progress and len(files) % SCAN_EVERY == 0:
-                progress("scan", len(files), 0)
+    return [location for location, _ in _walk(store, source, progress)]
+
+
+def scan_into(listing: Listing, store: Store, photos: Source, progress: ProgressFn) -> None:
+    """scan(), streamed into the run's listing (with an object's size and mtime)."""
+    listing.add(
+        (store.table_path(location, photos.root), *facts)
+        for location, facts in _walk(store, photos, progress)
+    )
+    listing.files = listing.count
+    listing.indexed()
+
+
+def _walk(store, source: Source, progress: ProgressFn | None) -> Iterator[tuple]:
+    """(location, (size, mtime) from the listing, or (None, None)) of each image file."""
+    found = 0
+    for location, facts in source.entries(IMAGE_SUFFIXES):
+        if isinstance(source, BucketPhotos) or not location.resolve().is_relative_to(store.root):
+            found += 1
+            if progress and found % SCAN_EVERY == 0:
+                progress("scan", found, 0)
+            yield location, facts
     if progress:
-        progress("scan", len(files), len(files))
-    return files
+        progress("scan", found, found)
 
 
-def plan_changes(store: Store, photos: Source, files: list, report: IndexReport) -> Plan:
-    """Compare the folder's files with the table; counts unchanged files in report."""
-    uploads = list(find_images(store.uploads_dir)) if store.uploads_dir.is_dir() else []
-    states = store.db.file_states()
-    no_phash = store.db.without_phash()
+def _locator(store: Store, photos: Source) -> Callable[[str], Path | str]:
+    """table path -> location: a file under the photos root, or an upload kept in the store."""
+
+    def locate(rel: str) -> Path | str:
+        if rel.startswith(UPLOAD_PREFIX):
+            return store.uploads_dir / rel[len(UPLOAD_PREFIX) :]
+        return photos.locate(rel)
+
+    return locate
+
+
+def plan_changes(store: Store, photos: Source, listing: Listing, report: IndexReport) -> Plan:
+    """Compare the listed files (and the store's uploads) with the table, a chunk at a time,
+    into the listing's to-do list; counts unchanged files in report."""
+    if store.uploads_dir.is_dir():
+        listing.add(
+            (store.table_path(p, photos.root), None, None) for p in find_images(store.uploads_dir)
+        )
+    locate = _locator(store, photos)
     serial = store.model_serial
-    seen: set[str] = set()
-    todo: list[Path] = []
-    kind: dict[str, str] = {}
-    for path in files + uploads:
-        rel = store.table_path(path, photos.root)
-        seen.add(rel)
-        state = states.get(rel)
-        if state is None:
-            kind[rel] = "added"
-        else:
-            size, mtime = photos.stat(path)
-            if size == state[1] and mtime == state[2]:
-                if state[4] == serial and rel not in no_phash:
+    for rows in listing.joined():
+        todo = []
+        for pos, rel, size, mtime, id_, old_size, old_mtime, sha256, model, no_phash in rows:
+            if size is None:  # a file: asked now (an object's facts come from the listing)
+                try:
+                    size, mtime = photos.stat(locate(rel))
+                except OSError:  # gone since the scan: reading it fails and is reported
+                    size, mtime = -1, -1.0
+            if id_ is None:
+                todo.append((pos, rel, size, mtime, "added", None, None, None, 0))
+                continue
+            if size == old_size and mtime == old_mtime:
+                if model == serial and not no_phash:
                     report.unchanged += 1
                     continue
-                kind[rel] = "stale"
+                kind = "stale"
             else:
-                kind[rel] = "maybe"  # size or mtime differ: the sha256 decides
-        todo.append(path)
-    removed_ids = [states[rel][0] for rel in states if rel not in seen]
-    return Plan(todo, kind, states, no_phash, removed_ids)
+                kind = "maybe"  # size or mtime differ: the sha256 decides
+            todo.append((pos, rel, size, mtime, kind, id_, sha256, model, no_phash))
+        listing.add_todo(todo)
+    return Plan(listing, locate, listing.removed_ids())
 
 
 class Committer:
     """Writes embedded files to the table (one transaction per batch) and keeps the index and
-    the report in step; shared by the single-process and the Ray paths."""
+    the report in step; shared by the single-process and the Ray paths. The to-do items carry
+    what it needs of the plan (``plan`` is accepted for older callers and not used)."""
 
-    def __init__(self, store: Store, plan: Plan, index, report: IndexReport):
+    def __init__(self, store: Store, plan: Plan | None, index, report: IndexReport):
         self.store = store
-        self.plan = plan
         self.index = index
         self.report = report
         self.serial = store.model_serial
         self.failed: dict[Path, FailedImage] = {}
         self._touches: list[tuple[int, float, int]] = []
 
-    def fail(self, bad: list[FailedImage], rels: list[str]) -> None:
+    def fail(self, bad: list[FailedImage], items: list[Todo]) -> None:
         """Report unreadable files; a file that was indexed and is now unreadable is dropped."""
-        for f, rel in zip(bad, rels):
+        for f, item in zip(bad, items):
             self.failed.setdefault(f.path, f)
-            state = self.plan.states.get(rel)
-            if state is not None:  # it cannot be served any more
-                self.store.db.write(deletes=[state[0]])
+            if item.id is not None:  # it cannot be served any more
+                self.store.db.write(deletes=[item.id])
                 if self.index is not None:
                     with self.store.lock:
-                        self.index.remove(np.array([state[0]]))
+                        self.index.remove(np.array([item.id]))
 
-    def triage(self, rel: str, sha256: str, mtime: float, size: int) -> str | None:
+    def triage(self, item: Todo, sha256: str, mtime: float, size: int) -> str | None:
         """The kind of write a decoded file needs, or None when it is unchanged after all
         (same bytes under a new mtime: only the file facts are updated)."""
-        state, k = self.plan.states.get(rel), self.plan.kind[rel]
-        if k == "maybe" and state[3] == sha256:
-            k = (
-                "unchanged"
-                if state[4] == self.serial and rel not in self.plan.no_phash
-                else "stale"
-            )
-            self._touches.append((state[0], mtime, size))
+        k = item.kind
+        if k == "maybe" and item.sha256 == sha256:
+            k = "unchanged" if item.model == self.serial and not item.no_phash else "stale"
+            self._touches.append((item.id, mtime, size))
             if k == "unchanged":
                 self.report.unchanged += 1
                 return None
@@ -232,75 +300,85 @@ class Committer:
                 with self.store.lock:
                     self.index.remove(np.array(replaced))  # replaced rows keep their id
                     self.index.add(np.stack([v for _, v, _ in rows]), np.array(ids))
-            for _, _, k in rows:
-                if k == "added":
-                    self.report.added += 1
-                elif k == "updated":
-                    self.report.updated += 1
-                else:
-                    self.report.reembedded += 1
-                    self.report.unchanged += 1
+            self._count(k for _, _, k in rows)
         elif touches:
             self.store.db.write(touches=touches)
 
+    def commit_new(self, rows: NewRows) -> None:
+        """Insert rows of new paths given as columns (all of kind added), and the touches
+        triage collected, in one transaction: the merge's path for millions of rows."""
+        touches, self._touches = self._touches, []
+        ids = self.store.db.insert_columns(rows, touches=touches, model=self.serial)
+        if self.index is not None and ids:
+            with self.store.lock:
+                self.index.add(np.asarray(rows.embedding, np.float32), np.array(ids))
+        self.report.added += len(ids)
 
-def check_removals(store: Store, photos: Source, files: list, prune: bool) -> None:
+    def _count(self, kinds) -> None:
+        for k in kinds:
+            if k == "added":
+                self.report.added += 1
+            elif k == "updated":
+                self.report.updated += 1
+            else:
+                self.report.reembedded += 1
+                self.report.unchanged += 1
+
+
+def check_removals(store: Store, photos: Source, listing: Listing, prune: bool) -> None:
     """Refuse a run that would remove more than half of the stored rows (or all of them)
     unless ``prune``: an empty or wrong folder (an unmounted drive, a typo) must not wipe a
     store. Checked before anything is changed, training included."""
-    states = store.db.file_states()
-    if not states:
-        return
-    seen = {store.table_path(p, photos.root) for p in files}
-    seen.update(s for s in states if s.startswith(UPLOAD_PREFIX))  # uploads stay
-    gone = sum(1 for rel in states if rel not in seen)
-    if gone and (gone == len(states) or 2 * gone > len(states)) and not prune:
+    gone, rows = listing.gone(keep_prefix=UPLOAD_PREFIX)  # uploads stay
+    if gone and (gone == rows or 2 * gone > rows) and not prune:
         was = store.photos_root
         raise InvalidArgumentError(
-            f"{photos.root} would remove {gone} of the store's {len(states)} photos "
-            f"({len(files)} images found there"
+            f"{photos.root} would remove {gone} of the store's {rows} photos "
+            f"({listing.files} images found there"
             + (f"; the store indexes {was}" if was and was != photos.root else "")
             + "). Nothing was changed. If the photos really are gone, run again with --prune."
         )
 
 
 def _run(store, photos, model, options, progress, report, ray=None) -> None:
-    progress("scan", 0, 0)
-    files = scan(store, photos, progress)
-    check_removals(store, photos, files, options.prune)
-    if store.photos_root != photos.root:
-        store.update_state({"photos_root": str(photos.root)})
-    failed: dict[Path, FailedImage] = {}
-    with ExitStack() as stack:
-        decoded = None
-        if not store.is_trained or options.retrain:
-            cfg = model or (store.model_config() if store.is_trained else ModelConfig())
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=store.root, prefix="train-"))
-            report.train_seconds, decoded = _train(
-                store, files, cfg, options, progress, failed, Path(tmp), photos.stat
-            )
-            report.trained = True
-        _update(store, photos, files, options, progress, report, ray, failed, decoded)
+    with Listing(store.root, store.db.path) as listing:
+        progress("scan", 0, 0)
+        scan_into(listing, store, photos, progress)
+        check_removals(store, photos, listing, options.prune)
+        if store.photos_root != photos.root:
+            store.update_state({"photos_root": str(photos.root)})
+        failed: dict[Path, FailedImage] = {}
+        with ExitStack() as stack:
+            decoded = None
+            if not store.is_trained or options.retrain:
+                cfg = model or (store.model_config() if store.is_trained else ModelConfig())
+                tmp = stack.enter_context(
+                    tempfile.TemporaryDirectory(dir=store.root, prefix="train-")
+                )
+                report.train_seconds, decoded = _train(
+                    store, photos, listing, cfg, options, progress, failed, Path(tmp)
+                )
+                report.trained = True
+            _update(store, photos, listing, options, progress, report, ray, failed, decoded)
 
 
-def _update(store, photos, files, options, progress, report, ray, failed, decoded) -> None:
+def _update(store, photos, listing, options, progress, report, ray, failed, decoded) -> None:
     """Embed what the plan says with the store's model, commit it, bring the index in step and
     calibrate a new model; ``decoded``: the training sample, decoded already."""
     cfg = store.model_config()
-    plan = plan_changes(store, photos, files, report)
+    plan = plan_changes(store, photos, listing, report)
 
     index = None
     requested = options.index_type
     if not report.trained and store.info.get("embedding_dim"):
         index = store.index  # loaded, or rebuilt if a previous run was interrupted
-    if plan.removed_ids:
+    if len(plan.removed_ids):
         store.db.write(deletes=plan.removed_ids)
         report.removed = len(plan.removed_ids)
-        remove_thumbnails(store.root, plan.removed_ids)
+        remove_thumbnails(store.root, plan.removed_ids.tolist())
         if index is not None:
             with store.lock:
-                index.remove(np.array(plan.removed_ids))
-
+                index.remove(plan.removed_ids)
     committer = Committer(store, plan, index, report)
     committer.failed.update(failed)
     embedder = None
@@ -316,7 +394,7 @@ def _update(store, photos, files, options, progress, report, ray, failed, decode
                 report.index = build_ivf_on_ray(store, requested, ray, progress)
                 index = store.index
     else:
-        known = _unchanged(decoded, photos.stat) if decoded else None
+        known = _unchanged(decoded, photos) if decoded else None
         embedder = _embed_here(store, photos, plan, committer, cfg, options, progress, known)
 
     count = len(store.db)
@@ -351,12 +429,19 @@ def _update(store, photos, files, options, progress, report, ray, failed, decode
 def _embed_here(store, photos, plan, committer, cfg, options, progress, known=None):
     """Decode on a thread pool (``known``: files decoded already) and embed in this process,
     one committed batch at a time; returns the embedder (None when there was nothing to embed)."""
-    todo = plan.todo
-    embedder = store.load_embedder() if todo else None
-    progress("embed", 0, len(todo))
+    total = len(plan)
+    embedder = store.load_embedder() if total else None
+    progress("embed", 0, total)
+    pending: dict = {}  # location -> its to-do item, for the files being decoded
+
+    def locations():
+        for item in plan.todo:
+            pending[item.location] = item
+            yield item.location
+
     done = 0
     for ok, bad in iter_batches(
-        todo,
+        locations(),
         cfg.image_size,
         options.batch_size,
         workers=options.workers,
@@ -364,14 +449,14 @@ def _embed_here(store, photos, plan, committer, cfg, options, progress, known=No
         max_bytes=options.max_decode_bytes,
         known=known,
     ):
-        committer.fail(bad, [store.table_path(f.path, photos.root) for f in bad])
+        committer.fail(bad, [pending.pop(f.path) for f in bad])
         keep = []
         for im in ok:
-            rel = store.table_path(im.path, photos.root)
-            mtime = photos.stat(im.path)[1]
-            k = committer.triage(rel, im.sha256, mtime, im.nbytes)
+            item = pending.pop(im.path)
+            mtime = photos.fresh(im.path, (item.size, item.mtime))[1]
+            k = committer.triage(item, im.sha256, mtime, im.nbytes)
             if k is not None:
-                keep.append((im, rel, k, mtime))
+                keep.append((im, item.rel, k, mtime))
         vectors = []
         if keep:
             t0 = time.perf_counter()
@@ -381,7 +466,7 @@ def _embed_here(store, photos, plan, committer, cfg, options, progress, known=No
             [(_record(im, rel, mtime), v, k) for (im, rel, k, mtime), v in zip(keep, vectors)]
         )
         done += len(ok) + len(bad)
-        progress("embed", done, len(todo))
+        progress("embed", done, total)
     return embedder
 
 
@@ -391,19 +476,25 @@ def _record(im: DecodedImage, rel: str, mtime: float) -> ImageRecord:
     )
 
 
-def _train(store: Store, files, cfg: ModelConfig, options, progress, failed, tmp: Path, stat):
-    """Decode a seeded sample of at most cfg.max_train_images into a memmap in tmp and train on
-    it; returns (seconds, the sample's decoded images by path, with the file's (size, mtime)):
-    the embedding that follows takes those pixels instead of decoding the files again."""
+def _train(store: Store, photos, listing, cfg: ModelConfig, options, progress, failed, tmp):
+    """Decode a seeded sample of at most cfg.max_train_images listed files into a memmap in
+    tmp and train on it; returns (seconds, the sample's decoded images by path, with the file's
+    (size, mtime)): the embedding that follows takes those pixels instead of decoding the
+    files again."""
     from .encoder.train import train_autoencoder
 
     started = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
-    pick = files
-    if len(files) > cfg.max_train_images:
-        pick = [files[i] for i in np.sort(rng.choice(len(files), cfg.max_train_images, False))]
-    if len(pick) < 2:
-        raise InvalidArgumentError(f"need at least 2 images to train a model, found {len(pick)}")
+    positions = np.arange(listing.files)
+    if listing.files > cfg.max_train_images:
+        positions = np.sort(rng.choice(listing.files, cfg.max_train_images, False))
+    if len(positions) < 2:
+        raise InvalidArgumentError(
+            f"need at least 2 images to train a model, found {len(positions)}"
+        )
+    locate = _locator(store, photos)
+    listed = {locate(rel): (size, mtime) for _, rel, size, mtime in listing.sample(positions)}
+    pick = list(listed)
     s = cfg.image_size
     cache = np.lib.format.open_memmap(
         tmp / "sample.npy", mode="w+", dtype=np.uint8, shape=(len(pick), s, s, 3)
@@ -423,7 +514,8 @@ def _train(store: Store, files, cfg: ModelConfig, options, progress, failed, tmp
         for im in ok:
             n = len(decoded)
             cache[n] = im.pixels
-            decoded[im.path] = (replace(im, pixels=cache[n]), stat(im.path))
+            facts = photos.fresh(im.path, listed[im.path])
+            decoded[im.path] = (replace(im, pixels=cache[n]), facts)
         progress("decode", len(decoded) + len(failed), len(pick))
     if len(decoded) < 2:
         raise InvalidArgumentError(
@@ -434,12 +526,12 @@ def _train(store: Store, files, cfg: ModelConfig, options, progress, failed, tmp
     return time.perf_counter() - started, decoded
 
 
-def _unchanged(decoded: dict[Path, tuple[DecodedImage, tuple[int, float]]], stat):
+def _unchanged(decoded: dict[Path, tuple[DecodedImage, tuple[int, float]]], photos):
     """The decoded images whose file has the size and mtime it had when it was decoded."""
     out = {}
     for path, (im, facts) in decoded.items():
         try:
-            now = stat(path)
+            now = photos.fresh(path, facts)
         except OSError:
             continue
         if now == facts:

@@ -146,10 +146,19 @@ class LocalPhotos:
                 if Path(name).suffix.lower() in suffixes:
                     yield Path(dirpath) / name
 
+    def entries(self, suffixes: frozenset[str]) -> Iterator[tuple[Path, tuple[None, None]]]:
+        """files() as (location, (size, mtime)) pairs; a walk does not stat: (None, None)."""
+        for path in self.files(suffixes):
+            yield path, (None, None)
+
     def stat(self, location: Path | str) -> tuple[int, float]:
         """(size in bytes, mtime) of a file; OSError when it is gone."""
         st = os.stat(location)
         return st.st_size, st.st_mtime
+
+    def fresh(self, location: Path | str, listed: tuple[int, float]) -> tuple[int, float]:
+        """(size, mtime) of a file now: a file is asked again (it may have changed since)."""
+        return self.stat(location)
 
     def locate(self, rel: str) -> Path:
         return self.root / rel
@@ -162,8 +171,6 @@ class BucketPhotos:
         self.root = url
         self.fs, self.path = filesystem(url)
         self.scheme = url.partition("://")[0]
-        # location -> (size, LastModified) from the walk: no request per object afterwards
-        self._facts: dict[str, tuple[int, float]] = {}
 
     def check(self) -> None:
         """Refuse a bucket or prefix that does not exist (a typo), before anything is changed."""
@@ -178,6 +185,12 @@ class BucketPhotos:
 
     def files(self, suffixes: frozenset[str]) -> Iterator[str]:
         """Image objects under the prefix, in the order a local copy would be walked in."""
+        for location, _ in self.entries(suffixes):
+            yield location
+
+    def entries(self, suffixes: frozenset[str]) -> Iterator[tuple[str, tuple[int, float]]]:
+        """files() as (location, (size, LastModified)) pairs, the facts from the listing: the
+        run keeps them with its listing (on disk), so no object is asked again."""
         for dirpath, dirs, files in self.fs.walk(self.path, detail=True, on_error="raise"):
             visible, names = _walk_order(list(dirs), list(files))
             keep = {d: dirs[d] for d in visible}
@@ -185,22 +198,23 @@ class BucketPhotos:
             dirs.update(keep)
             for name in names:
                 if Path(name).suffix.lower() in suffixes:
-                    location = f"{self.scheme}://{dirpath}/{name}"
-                    self._facts[location] = _facts(files[name])
-                    yield location
+                    yield f"{self.scheme}://{dirpath}/{name}", _facts(files[name])
 
     def stat(self, location: Path | str) -> tuple[int, float]:
-        """(size, LastModified) of an object, from the walk when it listed it."""
+        """(size, LastModified) of an object, asked of the server (a run takes them from its
+        listing instead: see fresh)."""
         if not is_url(location):
             st = os.stat(location)  # an upload kept in the store
             return st.st_size, st.st_mtime
-        facts = self._facts.get(str(location))
-        if facts is None:
-            try:
-                facts = _facts(self.fs.info(str(location).partition("://")[2]))
-            except FileNotFoundError:
-                raise OSError(f"no such object: {location}") from None
-        return facts
+        try:
+            return _facts(self.fs.info(str(location).partition("://")[2]))
+        except FileNotFoundError:
+            raise OSError(f"no such object: {location}") from None
+
+    def fresh(self, location: Path | str, listed: tuple[int, float]) -> tuple[int, float]:
+        """(size, LastModified) of an object as the listing gave it (a request per object would
+        only repeat it); an upload kept in the store is a file, asked again."""
+        return listed if is_url(location) else self.stat(location)
 
     def locate(self, rel: str) -> str:
         return f"{self.root}/{rel}"

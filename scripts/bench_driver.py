@@ -4,12 +4,14 @@ and the scan + plan of a listing against the table, on synthetic entries.
     python scripts/bench_driver.py merge --rows 1000000,10000000
     python scripts/bench_driver.py plan --rows 1000000,10000000
 
-merge: N rows of 128-d embeddings written as shards of 4,096 rows (as a Ray job writes them),
-then merged into an empty store's table by lookalike.scale.ray_index._merge, the function a run
-uses; prints rows/s of the merge alone and the driver's peak RSS during it.
+merge: N rows of 128-d embeddings written as shards of 4,096 rows (as a Ray job writes them) and
+a first run's listing and plan of N files on disk, then merged into an empty store's table by
+lookalike.scale.ray_index._merge, the function a run uses; prints rows/s of the merge alone and
+the driver's peak RSS.
 plan: a store whose table holds N rows, and a generated listing of N entries (the same paths,
-1 % changed, 1 % new, 1 % gone) fed to the run's scan, removal guard and plan; prints seconds and
-the peak RSS of the process (each size runs in a fresh process, so the peaks do not mix).
+1 % changed, 1 % new, 1 % gone) fed to the run's scan, removal guard and plan (and the to-do list
+read back); prints seconds and the peak RSS of the process (each size runs in a fresh process,
+so the peaks do not mix). Set BENCH_TMP to a folder with room: 10M entries take ~10 GB.
 """
 
 from __future__ import annotations
@@ -77,59 +79,71 @@ def write_shards(store, n: int, rng: np.random.Generator) -> None:
 
 
 def bench_merge(n: int) -> dict:
+    from lookalike.index.listing import Listing
     from lookalike.indexer import Committer, IndexReport, Plan
     from lookalike.scale.ray_index import _merge
-
-    try:
-        from lookalike.scale.ray_index import _merge_cache
-    except ImportError:  # an older version, for comparison: PYTHONPATH=OLD_CHECKOUT
-        from contextlib import nullcontext as _merge_cache
     from lookalike.scale.shards import ShardDir
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         store = new_store(Path(tmp))
         write_shards(store, n, np.random.default_rng(0))
-        before = rss_mb()
-        plan = Plan(todo=[], kind={}, states={}, no_phash=set(), removed_ids=[])
-        plan.kind = _AllAdded()
-        report = IndexReport()
-        committer = Committer(store, plan, None, report)
-        current = _Current()
-        shards = ShardDir(store.root / "shards", store.model_serial, DIM)
-        started, cpu = time.perf_counter(), time.process_time()
-        with _merge_cache(store.db.conn):
-            _merge(shards, current, committer, store.photos_root, lambda *a: None)
-        seconds = time.perf_counter() - started
-        cpu = time.process_time() - cpu
+        with Listing(store.root, store.db.path) as listing:  # a first run's listing and plan
+            listing.add((rel(i), 1000, 1.0) for i in range(n))
+            listing.indexed()
+            for start in range(0, n, 50_000):
+                listing.add_todo(
+                    [
+                        (i, rel(i), 1000, 1.0, "added", None, None, None, 0)
+                        for i in range(start, min(n, start + 50_000))
+                    ]
+                )
+            plan = Plan(listing, str, np.zeros(0, np.int64))
+            index_seconds = timed_index_build(store.db)
+            before = rss_mb()
+            report = IndexReport()
+            committer = Committer(store, plan, None, report)
+            shards = ShardDir(store.root / "shards", store.model_serial, DIM)
+            started, cpu = time.perf_counter(), time.process_time()
+            _merge(shards, plan, committer, lambda *a: None)
+            seconds = time.perf_counter() - started
+            cpu = time.process_time() - cpu
         count = len(store.db)
+        indexes = {r[0] for r in store.db.conn.execute("SELECT name FROM sqlite_master")}
         store.close()
     assert count == n and report.added == n, (count, report.added)
+    assert {"images_sha256", "images_mtime"} <= indexes, indexes
     return {
         "rows": n,
         "merge_seconds": round(seconds, 2),
         "rows_per_s": round(n / seconds),
         "cpu_seconds": round(cpu, 2),  # this process's CPU time: what the load did not take
         "rows_per_cpu_s": round(n / cpu),
+        "index_seconds": round(index_seconds[0], 2),  # of merge_seconds: the indexes' sorts
         "rss_before_mb": round(before),
         "peak_rss_mb": round(peak_mb()),
     }
 
 
-class _AllAdded(dict):
-    """plan.kind of a first run: every file is new (no dict of 10M entries held)."""
+def timed_index_build(db) -> list[float]:
+    """Time the end of db.bulk_load (building the secondary indexes); read after the merge."""
+    from contextlib import contextmanager
 
-    def __getitem__(self, key):
-        return "added"
+    took = [0.0]
+    real = db.bulk_load
 
+    @contextmanager
+    def bulk_load():
+        load = real()
+        load.__enter__()
+        try:
+            yield
+        finally:
+            started = time.perf_counter()
+            load.__exit__(None, None, None)
+            took[0] = time.perf_counter() - started
 
-class _Current(dict):
-    """`current` of a first run: every shard row's file is unchanged since it was embedded."""
-
-    def get(self, key, default=None):
-        return (1000, 1.0)
-
-    def __iter__(self):
-        return iter(())
+    db.bulk_load = bulk_load
+    return took
 
 
 def main() -> None:
@@ -156,31 +170,36 @@ def main() -> None:
 
 def bench_plan(n: int) -> dict:
     """Peak RSS and seconds of scan + removal guard + plan over a listing of n objects."""
-    from lookalike.indexer import IndexReport, check_removals, plan_changes, scan
+    from lookalike.index.listing import Listing
+    from lookalike.indexer import IndexReport, check_removals, plan_changes, scan_into
+    from lookalike.photos import BucketPhotos
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         store = new_store(Path(tmp))
         fill_table(store, n)
-        from lookalike.photos import BucketPhotos
-
         source = type("SyntheticBucket", (SyntheticListing, BucketPhotos), {})(n)
         store.update_state({"photos_root": source.root})
         base = rss_mb()
-        started = time.perf_counter()
-        files = scan(store, source)
-        check_removals(store, source, files, prune=False)
-        report = IndexReport()
-        plan = plan_changes(store, source, files, report)
+        started, cpu = time.perf_counter(), time.process_time()
+        with Listing(store.root, store.db.path) as listing:
+            scan_into(listing, store, source, lambda *a: None)
+            check_removals(store, source, listing, prune=False)
+            report = IndexReport()
+            plan = plan_changes(store, source, listing, report)
+            todo, removed = len(plan), len(plan.removed_ids)
+            todo_seen = sum(1 for _ in plan.todo)  # the to-do list read back, as a run does
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         store.close()
     gone = n // 100  # the first 1 %; new: 1 %; changed: every 100th of the rest
-    assert len(plan.removed_ids) == gone and len(plan.todo) == gone + (n - gone) // 100
+    assert removed == gone and todo == todo_seen == gone + (n - gone) // 100, (removed, todo)
     return {
         "entries": n,
         "plan_seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),
         "rss_before_mb": round(base),
         "peak_rss_mb": round(peak_mb()),
-        "todo": len(plan.todo),
+        "todo": todo,
     }
 
 
@@ -204,17 +223,12 @@ class SyntheticListing:
     def __init__(self, n: int):
         self.n = n
         self.root = "s3://bench/photos"
-        self._facts: dict[str, tuple[int, float]] = {}
 
-    def files(self, suffixes):
+    def entries(self, suffixes):
         gone = self.n // 100
         for i in range(gone, self.n + gone):
-            location = f"{self.root}/{rel(i)}"
-            self._facts[location] = (1001 if i % 100 == 50 and i < self.n else 1000, 1.0)
-            yield location
-
-    def stat(self, location):
-        return self._facts[location]
+            size = 1001 if i % 100 == 50 and i < self.n else 1000
+            yield f"{self.root}/{rel(i)}", (size, 1.0)
 
 
 if __name__ == "__main__":

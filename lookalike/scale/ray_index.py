@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 from ..config import IndexOptions, ModelConfig, RayOptions
 from ..errors import InvalidArgumentError
 from ..images import FailedImage
-from ..index.meta import ImageRecord
+from ..index.meta import ImageRecord, NewRows
 from ..photos import is_url
 from .shards import COLUMNS, ShardDir
 
@@ -195,6 +195,23 @@ class EmbedActor:
         return out
 
 
+def _blocks(items, rows: int):
+    """The to-do items as Ray Data input blocks of ``rows`` files, each put into Ray's object
+    store as it is made (the driver never holds the whole list)."""
+    import pyarrow as pa
+    import ray
+
+    names = ("pos", "rel", "path", "size", "mtime")
+    block: list[tuple] = []
+    for t in items:
+        block.append((t.pos, t.rel, str(t.location), t.size, t.mtime))
+        if len(block) == rows:
+            yield ray.put(pa.table({n: [b[c] for b in block] for c, n in enumerate(names)}))
+            block = []
+    if block:
+        yield ray.put(pa.table({n: [b[c] for b in block] for c, n in enumerate(names)}))
+
+
 def _model_files(store) -> dict[str, bytes]:
     store.ensure_portable_model()  # an older store's model is exported here, once
     return {name: (store.model_dir / name).read_bytes() for name in MODEL_FILES}
@@ -214,25 +231,15 @@ def embed_on_ray(
     import ray
 
     shards = ShardDir(store.root / "shards", store.model_serial, store.dim)
-    # the files' current (size, mtime): a shard row counts only if its file is unchanged since
-    current: dict[str, tuple[int, float]] = {}
-    items: list[tuple[int, str, str, int, float]] = []
-    covered = shards.covered()
-    for pos, path in enumerate(plan.todo):
-        rel = store.table_path(path, photos.root)
-        try:
-            key = photos.stat(path)
-        except OSError:
-            key = (-1, -1.0)
-        current[rel] = key
-        if (rel, *key) not in covered:
-            items.append((pos, rel, str(path), *key))
-    total = len(plan.todo)
-    resumed = total - len(items)
+    # a shard row counts only if its file has the size and mtime the plan saw
+    plan.listing.cover(shards.covered_rows())
+    todo = plan.listing.todo_count_uncovered()
+    total = len(plan)
+    resumed = total - todo
     committer.report.resumed = resumed
     progress("embed", resumed, total)
 
-    if items:
+    if todo:
         started = time.perf_counter()
         cpus = ray.cluster_resources().get("CPU", 1.0)
         n, per_actor, threads = pool_size(cpus, opts.workers)
@@ -247,18 +254,11 @@ def embed_on_ray(
             "cpus": cpus,
             "actors": n,
             "actor_cpus": per_actor,
-            "embedded": len(items),
+            "embedded": todo,
         }
         model_ref = ray.put(_model_files(store))
-        import pyarrow as pa
-
         rows = max(opts.batch_size, min(BLOCK_ROWS, opts.shard_rows))
-        names = ("pos", "rel", "path", "size", "mtime")
-        tables = [
-            pa.table({name: [i[c] for i in items[s : s + rows]] for c, name in enumerate(names)})
-            for s in range(0, len(items), rows)
-        ]
-        ds = ray.data.from_arrow(tables)
+        ds = ray.data.from_arrow_refs(list(_blocks(plan.items(uncovered=True), rows)))
         ds = ds.map_batches(
             decode_batch,
             fn_kwargs={"size": cfg.image_size, "max_pixels": options.max_pixels},
@@ -292,8 +292,7 @@ def embed_on_ray(
             shards.write(_concat(buffer))
         committer.report.embed_seconds = time.perf_counter() - started
 
-    with _merge_cache(store.db.conn):
-        _merge(shards, current, committer, photos, progress)
+    _merge(shards, plan, committer, progress)
     shards.clear()
 
 
@@ -319,57 +318,104 @@ def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 MERGE_ROWS = 32_768  # rows a merge transaction takes (whole shards): few, large transactions
+BULK_ROWS = 50_000  # a merge of more rows than this, and than the table has, is a bulk load
 
 
-def _merge(shards: ShardDir, current, committer, photos, progress) -> None:
+def _merge(shards: ShardDir, plan, committer, progress) -> None:
     """Write every still-valid shard row into the table, in collection order, whole shards at a
-    time (one transaction per MERGE_ROWS rows or so)."""
-    total = sum(1 for _ in shards.paths())
-    progress("merge", 0, total)
-    merged: set[str] = set()
-    upserts: list = []
-    for number, rows in enumerate(shards.rows(), 1):
-        upserts += _shard_rows(rows, current, committer, merged)
-        if len(upserts) >= MERGE_ROWS or number == total:
-            committer.commit(upserts)
-            upserts = []
-        progress("merge", number, total)
-    if upserts:
-        committer.commit(upserts)
-    missing = sum(1 for rel in current if rel not in merged)
+    time (one transaction per MERGE_ROWS rows or so). A merge larger than the table drops the
+    table's secondary indexes while it runs (MetaDB.bulk_load)."""
+    db = committer.store.db
+    bulk = len(plan) > BULK_ROWS and len(plan) > len(db)
+    with _merge_cache(db.conn), db.bulk_load() if bulk else nullcontext():
+        merged = _merge_shards(shards, plan, committer, progress)
+    missing = len(plan) - merged
     if missing:  # a file changed while the job ran: the next run picks it up
         log.warning("%d files changed during the run; run `lookalike index` again", missing)
 
 
-def _shard_rows(rows, current, committer, merged: set[str]) -> list:
-    """(record, vector, kind) of a shard's rows to write, in collection order; its unreadable
-    files are reported (and dropped from the table) at once."""
-    cols = {name: rows[name].tolist() for name in COLUMNS}  # Python values: ~5x faster per row
+def _merge_shards(shards: ShardDir, plan, committer, progress) -> int:
+    """The merge itself; returns the number of to-do files a shard row was found for."""
+    total = len(shards.paths())
+    progress("merge", 0, total)
+    merged = bytearray(plan.positions)  # 1 at the position of a file merged: found once
+    batch = _Batch()
+    for number, rows in enumerate(shards.rows(), 1):
+        _shard_rows(rows, plan, committer, merged, batch)
+        if batch.rows >= MERGE_ROWS:
+            batch.commit(committer)
+        progress("merge", number, total)
+    batch.commit(committer)
+    return merged.count(1)
+
+
+class _Batch:
+    """Rows of one merge transaction: new files as columns, the others as records."""
+
+    def __init__(self):
+        self.records: list = []  # (record, vector, kind) of files the table has a row of
+        self.new: list[dict[str, np.ndarray]] = []  # column pieces of new files
+        self.rows = 0
+
+    def commit(self, committer) -> None:
+        committer.commit(self.records)  # rows that keep their id first: ids stay as planned
+        if self.new:
+            names = ("path", "size", "mtime", "sha256", "width", "height", "phash")
+            cols = {n: [v for piece in self.new for v in piece[n]] for n in names}
+            vectors = np.concatenate([piece["embedding"] for piece in self.new])
+            committer.commit_new(NewRows(**cols, embedding=vectors))
+        self.__init__()
+
+
+def _shard_rows(rows, plan, committer, merged: bytearray, batch: _Batch) -> None:
+    """Add a shard's rows to write to the batch, in collection order; its unreadable files are
+    reported (and dropped from the table) at once."""
     pos = rows["pos"]
-    order = range(len(pos))
+    order = np.arange(len(pos))
     if len(pos) > 1 and not bool(np.all(pos[:-1] <= pos[1:])):
-        order = np.argsort(pos, kind="stable").tolist()
-    bad, bad_rels, upserts = [], [], []
-    for i in order:
-        rel = cols["rel"][i]
-        key = (cols["size"][i], cols["mtime"][i])
-        if rel in merged or current.get(rel) != key:
-            continue  # merged already, or the file changed since it was embedded
-        merged.add(rel)
-        if cols["error"][i]:
-            bad.append(FailedImage(committer.store.file_path(rel), cols["error"][i]))
-            bad_rels.append(rel)
-            continue
-        sha = cols["sha256"][i]
-        k = committer.triage(rel, sha, key[1], key[0])
-        if k is None:
-            continue
-        record = ImageRecord(
-            0, rel, key[0], key[1], sha, cols["width"][i], cols["height"][i], phash=cols["phash"][i]
-        )
-        upserts.append((record, rows["embedding"][i], k))
-    committer.fail(bad, bad_rels)
-    return upserts
+        order = np.argsort(pos, kind="stable")
+    rels, sizes, mtimes = (rows[n][order].tolist() for n in ("rel", "size", "mtime"))
+    errors = rows["error"][order].tolist()
+    found = plan.rows_of(rels, pos[order].tolist())
+    new: list[int] = []
+    bad, bad_items = [], []
+    kept = len(batch.records)
+    for i, (rel, size, mtime) in enumerate(zip(rels, sizes, mtimes)):
+        row = found.get(rel)  # (pos, rel, size, mtime, kind, ...) as planned
+        if row is None or row[2] != size or row[3] != mtime or merged[row[0]]:
+            continue  # not to do, merged already, or the file changed since it was embedded
+        merged[row[0]] = 1
+        if errors[i]:
+            bad.append(FailedImage(committer.store.file_path(rel), errors[i]))
+            bad_items.append(plan.item(row))
+        elif row[4] == "added":
+            new.append(i)
+        else:
+            j = order[i]
+            k = committer.triage(plan.item(row), str(rows["sha256"][j]), mtime, size)
+            if k is not None:
+                batch.records.append((_record(rows, j, rel, size, mtime), rows["embedding"][j], k))
+    committer.fail(bad, bad_items)
+    if new:
+        take = order[new]
+        piece = {"path": [rels[i] for i in new], "embedding": rows["embedding"][take]}
+        for name in ("size", "mtime", "sha256", "width", "height", "phash"):
+            piece[name] = rows[name][take].tolist()
+        batch.new.append(piece)
+    batch.rows += len(new) + len(batch.records) - kept
+
+
+def _record(rows, j: int, rel: str, size: int, mtime: float) -> ImageRecord:
+    return ImageRecord(
+        0,
+        rel,
+        size,
+        mtime,
+        str(rows["sha256"][j]),
+        int(rows["width"][j]),
+        int(rows["height"][j]),
+        phash=int(rows["phash"][j]),
+    )
 
 
 def fill_ivf_on_ray(trained, chunks, in_flight: int, progress=None):

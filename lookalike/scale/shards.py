@@ -82,13 +82,12 @@ class ShardDir:
         os.replace(tmp, path)
         return path
 
-    def covered(self) -> set[tuple[str, int, float]]:
-        """(rel, size, mtime) of every row in the shards: files that need no embedding."""
-        out: set[tuple[str, int, float]] = set()
+    def covered_rows(self) -> Iterator[tuple[str, int, float]]:
+        """(rel, size, mtime) of every row in the shards, shard by shard: files that need no
+        embedding."""
         for path in self.paths():
             with np.load(path) as z:
-                out.update(zip(z["rel"].tolist(), z["size"].tolist(), z["mtime"].tolist()))
-        return out
+                yield from zip(z["rel"].tolist(), z["size"].tolist(), z["mtime"].tolist())
 
     def rows(self) -> Iterator[dict[str, np.ndarray]]:
         """Each shard's columns, shard by shard (one shard in memory at a time)."""
