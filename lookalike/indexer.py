@@ -226,6 +226,7 @@ def plan_changes(store: Store, photos: Source, listing: Listing, report: IndexRe
         )
     locate = _locator(store, photos)
     serial = store.model_serial
+    racy = store.info.get("last_scan", float("-inf")) - photos.racy_seconds
     for rows in listing.joined():
         todo = []
         for pos, rel, size, mtime, id_, old_size, old_mtime, sha256, model, no_phash in rows:
@@ -237,13 +238,13 @@ def plan_changes(store: Store, photos: Source, listing: Listing, report: IndexRe
             if id_ is None:
                 todo.append((pos, rel, size, mtime, "added", None, None, None, 0))
                 continue
-            if size == old_size and mtime == old_mtime:
+            if size == old_size and mtime == old_mtime and old_mtime < racy:
                 if model == serial and not no_phash:
                     report.unchanged += 1
                     continue
                 kind = "stale"
-            else:
-                kind = "maybe"  # size or mtime differ: the sha256 decides
+            else:  # size or mtime differ, or the mtime was too close to the last run to
+                kind = "maybe"  # prove a rewrite since would change it: the sha256 decides
             todo.append((pos, rel, size, mtime, kind, id_, sha256, model, no_phash))
         listing.add_todo(todo)
     return Plan(listing, locate, listing.removed_ids())
@@ -341,6 +342,7 @@ def check_removals(store: Store, photos: Source, listing: Listing, prune: bool) 
 
 
 def _run(store, photos, model, options, progress, report, ray=None) -> None:
+    started = time.time()  # the next run re-reads files whose mtime is this close to it
     with Listing(store.root, store.db.path) as listing:
         progress("scan", 0, 0)
         scan_into(listing, store, photos, progress)
@@ -360,6 +362,7 @@ def _run(store, photos, model, options, progress, report, ray=None) -> None:
                 )
                 report.trained = True
             _update(store, photos, listing, options, progress, report, ray, failed, decoded)
+    store.update_state({"last_scan": started})
 
 
 def _update(store, photos, listing, options, progress, report, ray, failed, decoded) -> None:

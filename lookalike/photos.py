@@ -129,6 +129,10 @@ def _walk_order(dirs: list[str], files: list[str]) -> tuple[list[str], list[str]
 class LocalPhotos:
     """Photos in a local folder (or on a mounted file system)."""
 
+    # seconds before a run's start in which an mtime is too close to the run to prove a later
+    # rewrite would change it (FAT keeps 2 s, HFS+ and many NFS servers 1 s)
+    racy_seconds = 3.0
+
     def __init__(self, root: Path):
         self.root = root
 
@@ -166,6 +170,9 @@ class LocalPhotos:
 
 class BucketPhotos:
     """Photos under a prefix of a bucket (S3, GCS or any S3-compatible server)."""
+
+    # LastModified has whole seconds, from the server's clock: a minute covers both
+    racy_seconds = 60.0
 
     def __init__(self, url: str):
         self.root = url
