@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.index.meta import ImageRecord
-from lookalike.indexer import Committer, IndexReport, Plan
+from lookalike.indexer import Committer, IndexReport
 from lookalike.store import Store
 
 
@@ -60,8 +60,7 @@ class OldCommitter(Committer):
 
 def run(store: Store, batches: int, batch: int, rng, old: bool, offset: int) -> float:
     """Rows/s of committing `batches` batches of new rows through the indexer's Committer."""
-    plan = Plan([], {}, {}, set(), [])
-    committer = (OldCommitter if old else Committer)(store, plan, store.index, IndexReport())
+    committer = (OldCommitter if old else Committer)(store, None, store.index, IndexReport())
     took = 0.0
     for b in range(batches):
         rows = []

@@ -142,8 +142,11 @@ def decode_cpus(per_actor: float) -> float:
     return DECODE_CPUS if spare >= 1.0 else round(min(DECODE_CPUS, spare), 3)
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict:
-    """Ray Data stage 1 (tasks): read, hash, decode and pHash each file (or object) of a batch."""
+def decode_batch(
+    batch: dict[str, np.ndarray], size: int, max_pixels: int, max_bytes: int | None = None
+) -> dict:
+    """Ray Data stage 1 (tasks): read, hash, decode and pHash each file (or object) of a batch,
+    within the same pixel and decode-memory limits as the single-process path."""
     from ..images import _decode_or_fail, phash64
 
     paths = batch["path"]
@@ -152,7 +155,10 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> di
     out: dict[str, list] = {name: [] for name in COLUMNS if name not in ("pos", "rel")}
     for i, path in enumerate(paths):
         location = str(path)
-        im = _decode_or_fail(location if is_url(location) else Path(location), size, max_pixels)
+        limits = {} if max_bytes is None else {"max_bytes": max_bytes}
+        im = _decode_or_fail(
+            location if is_url(location) else Path(location), size, max_pixels, **limits
+        )
         fsize, mtime = _facts(location, (int(batch["size"][i]), float(batch["mtime"][i])))
         if isinstance(im, FailedImage):
             values = (fsize, mtime, "", 0, 0, 0, im.error)
@@ -261,7 +267,11 @@ def embed_on_ray(
         ds = ray.data.from_arrow_refs(list(_blocks(plan.items(uncovered=True), rows)))
         ds = ds.map_batches(
             decode_batch,
-            fn_kwargs={"size": cfg.image_size, "max_pixels": options.max_pixels},
+            fn_kwargs={
+                "size": cfg.image_size,
+                "max_pixels": options.max_pixels,
+                "max_bytes": options.max_decode_bytes,
+            },
             batch_size=opts.batch_size,
             batch_format="numpy",
             num_cpus=decode_cpus(per_actor),

@@ -350,3 +350,24 @@ def test_unreachable_cluster_is_a_clear_error():
     with pytest.raises(InvalidArgumentError, match="ray://127.0.0.1:1"):
         check_reachable("ray://127.0.0.1:1")
     check_reachable("auto")  # resolved by Ray itself
+
+
+def test_ray_decoding_keeps_the_decode_memory_limit(tmp_path):
+    """decode_batch (the Ray tasks' decoding) skips what the single-process path skips: an image
+    whose decode would hold more than max_decode_bytes is an error row, not pixels."""
+    from lookalike.scale.ray_index import decode_batch
+
+    path = write_photo(tmp_path / "a.jpg", 1)
+    size, mtime = path.stat().st_size, path.stat().st_mtime
+    batch = {
+        "pos": np.array([0]),
+        "rel": np.array(["a.jpg"]),
+        "path": np.array([str(path)]),
+        "size": np.array([size]),
+        "mtime": np.array([mtime]),
+    }
+    fine = decode_batch(batch, 32, 10**8)
+    assert fine["error"][0] == "" and fine["pixels"].any()
+    refused = decode_batch(batch, 32, 10**8, max_bytes=1_000)
+    assert "memory" in refused["error"][0] or "bytes" in refused["error"][0], refused["error"][0]
+    assert not refused["pixels"].any()
