@@ -136,6 +136,8 @@ def test_a_new_store_trains_from_a_bucket(tmp_path, photos_dir, tiny_store):
     assert {p: (r[0], *r[2:4]) for p, r in got.items()} == {
         p: (r[0], *r[2:4]) for p, r in want.items()
     }
+    with Store.open(tmp_path / "store") as st:  # the dedupe threshold measured from the objects
+        assert st.info["dedupe_calibration"]["model_serial"] == st.model_serial
 
 
 def test_listing_order_is_the_folders(photos200):
