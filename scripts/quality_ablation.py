@@ -2,7 +2,6 @@
 
     python scripts/quality_ablation.py train NAME [--set intel|neardup|both] [--override k=v ...]
     python scripts/quality_ablation.py embed NAME [--variant ...]     # post-hoc embedding variants
-    python scripts/quality_ablation.py step-cost --override k=v ...    # CPU s per step vs default
 
 `train` builds a real store with `lookalike.indexer.index_folder` (the product path) under
 .bench/quality/<NAME>-<set>; `embed` reuses a trained encoder and scores embedding-side variants
@@ -270,56 +269,6 @@ def embed(name: str, variants: list[str], sets: tuple[str, ...] = ("intel", "nea
             fh.write(json.dumps(row) + "\n")
 
 
-def step_cost(overrides: dict, blocks: int = 6, steps: int = 10) -> None:
-    """CPU seconds per training step (64 images) of the default config and of the overridden
-    one, in interleaved blocks in one process, so a loaded machine weighs on both alike."""
-    from lookalike.config import ModelConfig
-    from lookalike.encoder.augment import augment, mask_patches
-    from lookalike.encoder.backend import keras, tf
-    from lookalike.encoder.model import build_autoencoder, normalize_pixels
-    from lookalike.encoder.train import reconstruction_loss
-
-    def make_step(cfg):
-        autoencoder = build_autoencoder(cfg)[2]
-        optimizer = keras.optimizers.Adam(cfg.learning_rate)
-        variables = autoencoder.trainable_variables
-
-        @tf.function
-        def step(batch, seed):  # lookalike.encoder.train's step, without its bookkeeping
-            clean = tf.cast(batch, tf.float32)
-            views, mask = augment(clean, seed, cfg), None
-            if cfg.mask_ratio > 0:
-                views, mask = mask_patches(views, seed, cfg)
-            with tf.GradientTape() as tape:
-                error = tf.square(
-                    autoencoder(views, training=True) - normalize_pixels(clean, cfg.input_norm)
-                )
-                loss = reconstruction_loss(error, mask, cfg.mask_loss)
-            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-            return loss
-
-        return step
-
-    base = ModelConfig()
-    configs = {"default": base, "override": dataclasses.replace(base, **overrides)}
-    batch = np.random.default_rng(0).integers(0, 256, (64, base.image_size, base.image_size, 3))
-    batch = batch.astype(np.uint8)
-    fns = {name: make_step(cfg) for name, cfg in configs.items()}
-    cpu = dict.fromkeys(fns, 0.0)
-    for fn in fns.values():  # trace and warm up
-        for i in range(3):
-            fn(batch, tf.constant([0, i])).numpy()
-    for block in range(blocks):
-        for name, fn in fns.items():
-            t = time.process_time()
-            for i in range(steps):
-                fn(batch, tf.constant([block, i])).numpy()
-            cpu[name] += time.process_time() - t
-    per_step = {name: round(c / (blocks * steps), 4) for name, c in cpu.items()}
-    ratio = round(cpu["override"] / cpu["default"], 3)
-    print(json.dumps({"override": overrides, "cpu_s_per_step": per_step, "ratio": ratio}))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -331,17 +280,12 @@ def main() -> None:
     e.add_argument("name")
     e.add_argument("--variant", nargs="*", default=[""])
     e.add_argument("--set", default="both", choices=["intel", "neardup", "both"])
-    c = sub.add_parser("step-cost")
-    c.add_argument("--override", nargs="*", default=[])
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.cmd == "train":
         overrides = dict(kv.split("=", 1) for kv in args.override)
         sets = ["intel", "neardup"] if args.set == "both" else [args.set]
         train(args.name, sets, {k: parse_value(v) for k, v in overrides.items()})
-    elif args.cmd == "step-cost":
-        overrides = dict(kv.split("=", 1) for kv in args.override)
-        step_cost({k: parse_value(v) for k, v in overrides.items()})
     else:
         embed(args.name, args.variant, ("intel", "neardup") if args.set == "both" else (args.set,))
 
