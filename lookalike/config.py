@@ -33,7 +33,7 @@ class ModelConfig:
     crop_min: float = 0.6  # smallest random crop side, as a share of the image side
     rotate_degrees: float = 0.0  # random rotation range (+-) of the training views
     blur: bool = False  # randomly blur half of the training views
-    mask_ratio: float = 0.0  # masked reconstruction: share of patches hidden in a view (0: off)
+    mask_ratio: float = 0.75  # masked reconstruction: share of patches hidden in a view (0: off)
     mask_patch: int = 16  # side of a hidden square patch, pixels (must divide image_size)
     mask_loss: str = "all"  # MSE over: all (the whole image) | masked (the hidden patches only)
     mask_mix: float = 1.0  # share of the training views that are masked (the rest unmasked)

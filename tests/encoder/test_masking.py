@@ -15,6 +15,7 @@ from lookalike.encoder.train import reconstruction_loss
 
 SIDE = TINY.image_size  # 32: a 4x4 grid of 8-px patches
 MASKED = TINY.replace(mask_ratio=0.5, mask_patch=8)
+PLAIN = TINY.replace(mask_ratio=0.0)
 
 
 def views(n: int = 64, seed: int = 0) -> tf.Tensor:
@@ -65,11 +66,11 @@ def test_mask_mix_masks_that_share_of_the_views():
 
 def test_masking_off_leaves_the_views_as_they_were():
     x = views()
-    out, mask = mask_patches(x, seed_of(5), TINY)  # mask_ratio 0: off
+    out, mask = mask_patches(x, seed_of(5), PLAIN)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
     assert not np.asarray(mask).any()
     # the masks draw from their own stream: the denoising views do not change with them
-    plain = augment(x, seed_of(5), TINY)
+    plain = augment(x, seed_of(5), PLAIN)
     with_masks = augment(x, seed_of(5), MASKED.replace(mask_loss="masked", mask_mix=0.5))
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(with_masks))
 
@@ -93,11 +94,20 @@ def test_masked_loss_averages_the_hidden_pixels_of_masked_views_only():
 
 
 def test_masks_do_not_reach_the_embedding():
-    encoder = build_encoder(TINY)
+    encoder = build_encoder(PLAIN)
     pixels = np.asarray(views(8), np.uint8)
-    plain = Embedder(encoder, None, TINY)(pixels)
+    plain = Embedder(encoder, None, PLAIN)(pixels)
     masked_cfg = MASKED.replace(mask_loss="masked", mask_mix=0.5)
     np.testing.assert_array_equal(Embedder(encoder, None, masked_cfg)(pixels), plain)
+
+
+def test_the_default_hides_three_quarters_of_the_view_in_16_px_patches():
+    cfg = ModelConfig()  # Round 3 of docs/quality.md: masked reconstruction is the default
+    x = tf.zeros([4, cfg.image_size, cfg.image_size, 3])
+    mask = np.asarray(mask_patches(x, seed_of(6), cfg)[1])[..., 0]
+    cells = mask.reshape(4, 4, 16, 4, 16).max(axis=(2, 4))  # 4x4 grid of 16-px patches
+    assert cells.sum(axis=(1, 2)).tolist() == [12] * 4
+    np.testing.assert_array_equal(mask.reshape(4, 4, 16, 4, 16).min(axis=(2, 4)), cells)
 
 
 def test_configs_saved_before_masking_load_with_masking_off():
@@ -112,7 +122,7 @@ def test_the_denoising_views_are_the_ones_of_before_masking():
     # fingerprint of augment() on this input, computed with the code of commit 4278efc (before
     # masked reconstruction existed): masking off must train on exactly the same views
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, (4, SIDE, SIDE, 3)), tf.float32)
-    for cfg in (TINY, MASKED):
+    for cfg in (PLAIN, MASKED):
         v = np.asarray(augment(x, seed_of(5), cfg))
         np.testing.assert_allclose(
             v.sum(axis=(1, 2, 3)), [542746.6, 532479.1, 353213.38, 522177.94], rtol=1e-5
