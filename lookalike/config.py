@@ -36,7 +36,7 @@ class ModelConfig:
     mask_ratio: float = 0.75  # masked reconstruction: share of patches hidden in a view (0: off)
     mask_patch: int = 16  # side of a hidden square patch, pixels (must divide image_size)
     mask_loss: str = "all"  # MSE over: all (the whole image) | masked (the hidden patches only)
-    mask_mix: float = 1.0  # share of the training views that are masked (the rest unmasked)
+    mask_mix: float = 0.5  # share of the training views that are masked (the rest unmasked)
     epochs: int | None = None  # None: as many as train_samples asks for (at most max_epochs)
     train_samples: int = 24_000  # augmented images seen in training up to budget_images
     budget_images: int = 4_000  # training sets above this get more samples (see samples_for)
