@@ -77,7 +77,9 @@ def test_masking_off_leaves_the_views_as_they_were():
 
 def test_a_patch_that_does_not_divide_the_image_is_refused():
     with pytest.raises(ValueError, match="mask_patch 12 must divide image_size 32"):
-        mask_patches(views(2), seed_of(0), TINY.replace(mask_mix=1.0, mask_ratio=0.5, mask_patch=12))
+        mask_patches(
+            views(2), seed_of(0), TINY.replace(mask_mix=1.0, mask_ratio=0.5, mask_patch=12)
+        )
 
 
 def test_masked_loss_averages_the_hidden_pixels_of_masked_views_only():
@@ -139,3 +141,24 @@ def test_the_denoising_views_are_the_ones_of_before_masking():
             ],
             rtol=1e-5,
         )
+
+
+def test_the_masked_default_trains_and_indexes_end_to_end(tmp_path, photos_dir):
+    """index_folder with the default's masking (75 % of 16-px patches... here 8-px, the tiny
+    model's 32-px input, on half of the views): it trains, exports and every photo finds itself."""
+    from lookalike.engine import Engine
+    from lookalike.indexer import index_folder
+
+    defaults = ModelConfig()
+    cfg = TINY.replace(mask_ratio=defaults.mask_ratio, mask_patch=8, mask_mix=defaults.mask_mix)
+    assert cfg.mask_ratio > 0 and 0 < cfg.mask_mix < 1
+    report = index_folder(photos_dir, tmp_path / "store", model=cfg)
+    assert report.trained and not report.failed
+    engine = Engine.open(tmp_path / "store")
+    try:
+        assert engine.cfg.mask_ratio == cfg.mask_ratio and engine.cfg.mask_mix == cfg.mask_mix
+        for path in sorted(photos_dir.rglob("*.*"))[:5]:
+            hit = engine.search_bytes(path.read_bytes(), k=1)[0]
+            assert hit.path == path.relative_to(photos_dir).as_posix() and hit.score >= 0.99
+    finally:
+        engine.close()
