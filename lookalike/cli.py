@@ -302,6 +302,7 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
                 "store": str(st.root),
                 "photos": str(st.photos_root) if st.photos_root else None,
                 "images": len(st.db),
+                "re_embedding": _re_embedding(st),
                 "embedding_dim": st.info.get("embedding_dim"),
                 "metric": METRIC,
                 "index_type": st.info.get("index_type"),
@@ -332,10 +333,23 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+def _re_embedding(st) -> dict | None:
+    """A retrain's unfinished re-embedding: the new model's rows so far, of all."""
+    serial = st.info.get("reembedding")
+    if serial is None:
+        return None
+    return {"model": serial, "done": st.db.count(int(serial)), "of": len(st.db)}
+
+
 def info_value(key: str, value) -> str | None:
     """One `info` value as a person reads it; None leaves the row out."""
     if value is None:
-        return None if key == "ivf" else "-"
+        return None if key in ("ivf", "re_embedding") else "-"
+    if key == "re_embedding":
+        return (
+            f"{value['done']:,} of {value['of']:,} photos by the new model so far; searches "
+            "use the previous model until `lookalike index` has embedded them all"
+        )
     if key == "versions":
         return ", ".join(f"{k} {v}" for k, v in value.items())
     if key == "pictures":
@@ -603,6 +617,8 @@ def dedupe(
                 f"the photos are in {st.photos_root}: dedupe does not move or delete objects; "
                 "write the keys to remove with --csv and remove them with your storage's tools"
             )
+        if not empty_trash:  # groups, moves and undo need every row embedded by one model
+            st.require_complete()
         if undo_last:
             return _dedupe_undo(st, as_json)
         if empty_trash:

@@ -72,9 +72,10 @@ class Engine:
         self._use_model(store.index_model_serial, embedder)
 
     def _use_model(self, serial: int, embedder: PortableEmbedder | None = None) -> None:
-        """Load the embedder of the store's current model (the one its index was built with)."""
-        cfg = self.store.model_config()
-        embedder = embedder or self.store.load_embedder()
+        """Load the embedder of model ``serial``: the one the served index was built with (not
+        necessarily the store's newest: a retrain half-way serves the previous model)."""
+        cfg = self.store.model_config(serial)
+        embedder = embedder or self.store.load_embedder(serial)
         # the first run of the portable model allocates its buffers: now, not in the first query
         embedder(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8))
         self.cfg, self.embedder, self.serial = cfg, embedder, serial
@@ -82,13 +83,19 @@ class Engine:
     def _current(self) -> tuple[PortableEmbedder, int]:
         """(embedder, model serial) matching the index being served: after another process
         retrained the store, the new model is loaded before the next query is embedded."""
-        self.store.refresh()
-        serial = self.store.index_model_serial
-        if serial != self.serial:
+        for _ in range(3):
+            self.store.refresh()
+            serial = self.store.index_model_serial
+            if serial == self.serial:
+                return self.embedder, self.serial
             with self._model_lock:
-                if serial != self.serial:
-                    self._use_model(serial)
-        return self.embedder, self.serial
+                try:
+                    if serial != self.serial:
+                        self._use_model(serial)
+                    return self.embedder, self.serial
+                except FileNotFoundError:  # a newer complete index replaced it: refresh again
+                    continue
+        raise StoreBusyError("the store's model is changing; try again")
 
     @classmethod
     def open(cls, store_path: Path | str, **kwargs) -> Engine:
@@ -185,7 +192,10 @@ class Engine:
             self.store.refresh()
             if self.store.db.get(image_id) is None:
                 raise NotFoundError(f"no image with id {image_id}")
-            vec = self.store.index.reconstruct([image_id])
+            try:
+                vec = self.store.index.reconstruct([image_id])
+            except RuntimeError:  # added since the served index (a retrain is half-way)
+                raise NotFoundError(f"image {image_id} is not in the served index yet") from None
         return self.search_vectors(vec, k, exclude=[image_id])[0]
 
     def add_images(self, files: Sequence[tuple[str, bytes]]) -> list[int]:
@@ -201,6 +211,7 @@ class Engine:
         ]
         if not decoded:
             return []
+        self.store.require_complete()  # the rows must all be of one model
         pixels = np.stack([d[2] for d in decoded])
         embedder, serial = self._current()
         vectors = embedder(pixels)  # outside the lock: searches and other uploads go on

@@ -13,6 +13,7 @@ status code in one exception handler.
     │   ├── StoreVersionError      store written by an incompatible version
     │   ├── StoreNotTrainedError   the store has no model yet
     │   ├── StoreBusyError         another process holds the store's writer lock (HTTP 503)
+    │   │   └── StoreIncompleteError  a retrain's re-embedding is unfinished (HTTP 503)
     │   └── StoreWriteError        the store cannot be written: read-only, disk full (HTTP 503)
     ├── NotFoundError              an id or file the store does not know (HTTP 404)
     └── InvalidArgumentError       an argument out of range or inconsistent (HTTP 422)
@@ -57,6 +58,13 @@ class StoreBusyError(StoreError):
     """Another process holds the store's writer lock longer than the caller can wait."""
 
     retry_after = 5  # seconds a client should wait before trying again (HTTP Retry-After)
+
+
+class StoreIncompleteError(StoreBusyError):
+    """A retrain's index run is re-embedding the store's photos, or was interrupted doing so:
+    what needs every row embedded by one model (dedupe, uploads, undo) waits for it to finish."""
+
+    retry_after = 30
 
 
 class StoreWriteError(StoreError):

@@ -10,14 +10,18 @@ Layout of STORE/:
                        pictures, embed.onnx (the portable embedding every query and index runs)
                        and export.json (its check against the Keras embedding) -- one folder per
                        (re)training, made complete under a temporary name and switched to by one
-                       transaction (older stores: model/)
-    index-<gen>.faiss  the FAISS index of generation <gen>; another generation's file is stale
+                       transaction (older stores: model/); an older model's folder stays
+                       until an index of every photo by the new one is saved
+    index-<gen>.faiss  the FAISS index of generation <gen>, of every row (never a partial one):
+                       the model it belongs to is the one current at <gen> (state model_since)
     uploads/           images added over HTTP
     .write.lock        the cross-process writer lock
 
 Concurrency: writers (indexing, uploads, label and dedupe changes, clean-up) take the writer
-lock; readers never take it and never wait for it: they serve the last consistent index until
-the file of the current generation exists.
+lock; readers never take it and never wait for it: they serve the last consistent index, with
+its own model, until the file of the current generation exists. While a retrain re-embeds the
+rows (state ``reembedding``), that is the previous model's complete index, and what needs every
+row embedded by one model (dedupe, uploads, undo) is refused with StoreIncompleteError.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from .config import ModelConfig
 from .errors import (
     LookalikeError,
     StoreBusyError,
+    StoreIncompleteError,
     StoreNotFoundError,
     StoreNotTrainedError,
     StoreVersionError,
@@ -277,8 +282,15 @@ class Store:
     # -- paths --------------------------------------------------------------------------------
     @property
     def model_dir(self) -> Path:
-        serial_dir = self.root / f"model-{self.model_serial}"
-        return serial_dir if serial_dir.is_dir() else self.root / "model"
+        return self.model_path()
+
+    def model_path(self, serial: int | None = None) -> Path:
+        """The folder of model ``serial`` (default: the current model)."""
+        current = self.model_serial
+        serial_dir = self.root / f"model-{current if serial is None else serial}"
+        if serial_dir.is_dir() or serial not in (None, current):
+            return serial_dir
+        return self.root / "model"  # a store from before model-<serial> folders
 
     @property
     def index_path(self) -> Path:
@@ -376,13 +388,16 @@ class Store:
     def is_trained(self) -> bool:
         return (self.model_dir / "config.json").exists()
 
-    def model_config(self) -> ModelConfig:
-        if not self.is_trained:
+    def model_config(self, serial: int | None = None) -> ModelConfig:
+        """The config of model ``serial`` (default: the current one); FileNotFoundError when an
+        older model's folder was removed meanwhile."""
+        if serial is None and not self.is_trained:
             raise StoreNotTrainedError(
                 f"store {self.root} has no trained model; run `lookalike index PHOTOS --store "
                 f"{self.root}`"
             )
-        return ModelConfig.from_dict(json.loads((self.model_dir / "config.json").read_text()))
+        config = self.model_path(serial) / "config.json"
+        return ModelConfig.from_dict(json.loads(config.read_text()))
 
     @property
     def model_serial(self) -> int:
@@ -393,17 +408,19 @@ class Store:
         path = self.model_dir / "training.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def load_embedder(self) -> PortableEmbedder:
-        """The query-path embedder: model/embed.onnx on onnxruntime, without TensorFlow.
+    def load_embedder(self, serial: int | None = None) -> PortableEmbedder:
+        """The query-path embedder of model ``serial`` (default: the current model): its
+        embed.onnx on onnxruntime, without TensorFlow.
 
         A store trained before the portable model gets it exported once first (see
         :meth:`ensure_portable_model`).
         """
         from .encoder.runtime import PORTABLE_FILE, PortableEmbedder
 
-        cfg = self.model_config()
-        self.ensure_portable_model()
-        return PortableEmbedder(self.model_dir / PORTABLE_FILE, cfg)
+        cfg = self.model_config(serial)
+        if serial in (None, self.model_serial):
+            self.ensure_portable_model()
+        return PortableEmbedder(self.model_path(serial) / PORTABLE_FILE, cfg)
 
     def ensure_portable_model(self) -> bool:
         """Export an older store's Keras model to model/embed.onnx, once; True if it did.
@@ -478,9 +495,40 @@ class Store:
                 "model_serial": serial,
                 "embedding_dim": int(result.whitening.projection.shape[1]),
                 "image_size": cfg.image_size,
+                "model_since": self._model_since(serial, self.db.generation + 1),
             }
+            if len(self.db):  # readers keep the old model and its index until all is re-embedded
+                state["reembedding"] = serial
             self.update_state(state, bump=True)
-            self._remove_old_models()
+            if not len(self.db):
+                self._remove_old_models()
+
+    def _model_since(self, serial: int, generation: int) -> dict[str, int]:
+        """State model_since with model ``serial`` current from ``generation`` on (entries of
+        models whose folder is gone are dropped)."""
+        since = dict(self.info.get("model_since") or {})
+        if not since and "reembedding" not in self.info:  # a store from before model_since:
+            since[str(self.model_serial)] = 0  # its current model made its index files
+        since = {s: g for s, g in since.items() if (self.root / f"model-{s}").is_dir()}
+        return since | {str(serial): generation}
+
+    def _serial_at(self, generation: int) -> int | None:
+        """The model current at ``generation``, from state model_since (None: not recorded)."""
+        since = self.info.get("model_since") or {}
+        return max((int(s) for s, g in since.items() if g <= generation), default=None)
+
+    def require_complete(self) -> None:
+        """Raise StoreIncompleteError while a retrain's re-embedding is unfinished."""
+        serial = self.info.get("reembedding")
+        if serial is None:
+            return
+        done, total = self.db.count(int(serial)), len(self.db)
+        where = self.photos_root or "PHOTOS"
+        raise StoreIncompleteError(
+            f"store {self.root} is re-embedding its photos with a new model ({done} of {total} "
+            f"done): wait for the index run, or if it was interrupted, finish it with `lookalike "
+            f"index {where} --store {self.root}`; nothing was changed"
+        )
 
     def _remove_old_models(self) -> None:
         """Model folders other than the current one (caller holds the writer lock)."""
@@ -503,12 +551,14 @@ class Store:
 
     @property
     def index(self) -> KnnIndex:
-        """The FAISS index, loaded once (or built from the table when its file is missing)."""
+        """The FAISS index, loaded once: the current generation's file; else, for a reader, the
+        last complete index (a retrain half-way); else built from the table."""
         with self.lock:
             if self._index is None:
                 self._reload_state()
                 if not self._load_index_file(self._generation):
-                    self._build_in_memory()
+                    if self.writing_here or not self._load_last_complete():
+                        self._build_in_memory()  # of every row, unless a retrain is half-way
             return self._index
 
     @property
@@ -537,10 +587,33 @@ class Store:
         self._set_index(knn, generation)
         return True
 
-    def _set_index(self, knn: KnnIndex, generation: int) -> None:
+    def _load_last_complete(self, newer_than: int = -1) -> bool:
+        """Load the newest index file of an older generation (newer than ``newer_than``),
+        with its model, when that model's folder is still there and a retrain is half-way
+        (else the table's rows are all of one model, and an index built from them is newer).
+        Caller holds self.lock."""
+        if self.info.get("reembedding") is None:
+            return False
+        names = (INDEX_FILE.match(p.name) for p in self.root.glob("index-*.faiss"))
+        files = sorted((int(m.group(1)), m.string) for m in names if m)
+        for generation, name in reversed(files):
+            if not newer_than < generation < self._generation:
+                continue
+            serial = self._serial_at(generation)
+            if serial is None or not (self.root / f"model-{serial}").is_dir():
+                return False
+            try:
+                knn = KnnIndex.load(self.root / name)
+            except (OSError, RuntimeError):  # removed meanwhile by a writer that moved on
+                continue
+            self._set_index(knn, generation, serial)
+            return True
+        return False
+
+    def _set_index(self, knn: KnnIndex, generation: int, serial: int | None = None) -> None:
         self._index = knn
         self._index_generation = generation
-        self._index_serial = self.model_serial
+        self._index_serial = self.model_serial if serial is None else serial
 
     def _build_in_memory(self) -> None:
         """Build the index of the current generation from the table; save it when the writer
@@ -604,13 +677,19 @@ class Store:
             self.save_index()
 
     def save_index(self) -> None:
-        """Persist the in-memory index as the file of the table's current generation."""
+        """Persist the in-memory index as the file of the table's current generation, once it
+        holds every row (a retrain half-way saves none: readers keep the last complete one);
+        then older models' folders go."""
         with self.writing(), self.lock:
             assert self._index is not None
+            reembedding = self.info.get("reembedding")
+            if reembedding is not None and self.db.count(self.model_serial) != len(self.db):
+                return
             generation = self.db.generation
             self._save_index_file(generation)
             self._index_generation = generation
-            self.update_state({"index_type": self._index.index_type})
+            self.update_state({"index_type": self._index.index_type}, deletes=("reembedding",))
+            self._remove_old_models()
 
     def _save_index_file(self, generation: int, keep_others: bool = False) -> None:
         """Write index-<generation>.faiss and (unless keep_others) remove other generations'."""
@@ -633,6 +712,7 @@ class Store:
         index file of the new generation is written. If anything fails (a full disk), the table
         rolls back, ``undo(index, ids)`` puts the index back and its new file is removed.
         """
+        self.require_complete()  # never an index file of part of the rows
         with self.lock:
             index = self.index
             generation = self.db.generation + 1
@@ -692,8 +772,9 @@ class Store:
             self._reload_state()
             with self.lock:
                 if self._index is not None and self._index_generation != self._generation:
-                    self._index = None  # stale: reload or rebuild it from the table now
-                    _ = self.index
+                    self._index = None  # stale: reload or rebuild it from the table now (a
+                    if self.info.get("reembedding") is None:  # retrain half-way: when asked,
+                        _ = self.index  # so that this process's readers keep the last complete)
             yield
         finally:
             self._local.depth = 0
@@ -728,7 +809,9 @@ class Store:
             if self._index is None or self.db.generation == self._index_generation:
                 return False
             self._reload_state()
-            return self._load_index_file(self._generation)
+            return self._load_index_file(self._generation) or self._load_last_complete(
+                newer_than=self._index_generation
+            )
 
     def add_rows(self, records: list, vectors: np.ndarray, serial: int) -> list[int]:
         """Insert rows embedded by model ``serial`` into the table and the index, all or nothing

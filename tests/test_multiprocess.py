@@ -38,6 +38,7 @@ pytestmark = pytest.mark.slow
 SEED = 13
 MIN_KILLS = 20
 MAX_SEARCH_SECONDS = 2.0
+REFUSED = b"re-embedding its photos with a new model"  # dedupe during a retrain half-way
 KEEP: set[str] = set()  # the photos the clients query with: never changed or deleted
 
 
@@ -183,25 +184,29 @@ def test_writers_killed_at_random_leave_a_sound_store(server_store, tmp_path):
             )
             try:
                 proc.wait(rng.uniform(0.5, 8.0))
-                runs.append((name, proc.returncode, proc.stderr.read()[-500:]))
+                runs.append((name, proc.returncode, proc.stderr.read()[-2000:]))
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1
             proc.stderr.close()
-        for name in ("dedupe", "labels", "index"):  # each to completion once, at the end
+        for name in ("index", "dedupe", "labels", "index"):  # each to completion, at the end
             done = subprocess.run(commands[name], capture_output=True, timeout=600)
             assert done.returncode == 0, (name, done.stderr[-2000:])
         time.sleep(1.0)  # the clients see the final store
-    # every run that was not killed succeeded (a busy store makes a writer wait, not fail)
-    assert all(rc == 0 for _, rc, _ in runs), [r for r in runs if r[1] != 0]
+    # every run that was not killed succeeded (a busy store makes a writer wait, not fail),
+    # but for dedupe after a killed retrain: it refuses until an index run finishes the work
+    refused = [r for r in runs if r[0] == "dedupe" and r[1] == 1 and REFUSED in r[2]]
+    failed = [r for r in runs if r[1] != 0 and r not in refused]
+    assert not failed, failed
     statuses = [s for s, _ in clients.results]
     assert clients.results and not clients.errors, clients.errors[:3]
     assert not [s for s in statuses if s >= 500], sorted(set(statuses))
     assert set(statuses) == {200}, sorted(set(statuses))
     slowest = max(t for _, t in clients.results)
     print(
-        f"\n{kills} kills, {len(runs)} completed runs, {len(statuses)} searches, "
+        f"\n{kills} kills, {len(runs)} completed runs ({len(refused)} dedupes refused), "
+        f"{len(statuses)} searches, "
         f"slowest {slowest:.2f} s, lowest top score {min(clients.top_scores):.4f}"
     )
     assert slowest <= MAX_SEARCH_SECONDS, f"slowest search {slowest:.2f} s"

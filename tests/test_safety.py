@@ -5,6 +5,7 @@ Each test works on a private copy of the tiny store (``store_copy``).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,12 @@ from typer.testing import CliRunner
 from lookalike.cli import app
 from lookalike.config import IndexOptions
 from lookalike.engine import Engine
-from lookalike.errors import InvalidArgumentError, StoreBusyError, StoreWriteError
+from lookalike.errors import (
+    InvalidArgumentError,
+    StoreBusyError,
+    StoreIncompleteError,
+    StoreWriteError,
+)
 from lookalike.index.knn import KnnIndex
 from lookalike.indexer import index_folder
 from lookalike.store import Store
@@ -111,37 +117,108 @@ def test_a_running_engine_follows_a_retrain_by_another_process(store_copy):
         engine.close()
 
 
-def test_a_retrain_cut_off_after_training_opens_and_finishes(store_copy, monkeypatch):
+def _retrain_cut_off(photos: Path, store: Path, monkeypatch, **model) -> None:
+    """A retrain killed right after its new model was saved, before any row is re-embedded."""
     import lookalike.indexer as indexer_module
 
-    photos, store = store_copy
-
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # killed right after the new model was saved
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(indexer_module, "_embed_here", killed)
     with pytest.raises(KeyboardInterrupt):
         index_folder(
-            photos,
-            store,
-            model=ONE_EPOCH.replace(embedding_dim=8),
-            options=IndexOptions(retrain=True),
+            photos, store, model=ONE_EPOCH.replace(**model), options=IndexOptions(retrain=True)
         )
     monkeypatch.undo()
-    with Store.open(store) as st:  # a new 8-d model, rows still of the old 16-d one
-        assert st.dim == 8 and st.model_serial == 2
-        assert len(st.index) == 0  # only the current model's rows are served
+
+
+def _top(engine: Engine, photos: Path, seed: int):
+    return engine.search_bytes((photos / photo_name(seed)).read_bytes(), k=3)[0]
+
+
+def test_a_retrain_cut_off_after_training_opens_and_finishes(store_copy, monkeypatch):
+    photos, store = store_copy
+    _retrain_cut_off(photos, store, monkeypatch, embedding_dim=8)
+    with Store.open(store) as st:  # a new 8-d model, every row still of the old 16-d one
+        assert st.dim == 8 and st.model_serial == 2 and st.info["reembedding"] == 2
+        # a reader serves the old model's complete index, not the new model's empty one
+        assert len(st.index) == N and st.index.dim == 16 and st.index_model_serial == 1
         generation = st.db.generation
-    # that partial index was not saved: other services keep their complete old one until the
-    # run that re-embeds the rest saves the new one
-    assert not (store / f"index-{generation}.faiss").exists()
-    report = index_folder(photos, store)
-    assert report.reembedded == N
+    assert not (store / f"index-{generation}.faiss").exists()  # no index of part of the rows
+    assert (store / "model-1").is_dir()  # kept for the readers until the new index is saved
+    engine = Engine.open(store)
+    try:
+        top = _top(engine, photos, PHOTO_SEEDS[4])
+        assert engine.serial == 1 and top.path == photo_name(PHOTO_SEEDS[4]) and top.score >= 0.99
+        report = index_folder(photos, store)  # the next run finishes the work
+        assert report.reembedded == N
+        top = _top(engine, photos, PHOTO_SEEDS[4])  # the running engine follows
+        assert engine.serial == 2 and top.path == photo_name(PHOTO_SEEDS[4]) and top.score >= 0.99
+    finally:
+        engine.close()
     with Store.open(store) as st:
         assert {s[4] for s in st.db.file_states().values()} == {2}
-        assert len(st.index) == N
+        assert len(st.index) == N and "reembedding" not in st.info
         assert st.info["dedupe_calibration"]["model_serial"] == 2  # calibrated after all
         assert (store / f"index-{st.db.generation}.faiss").exists()
+    assert not (store / "model-1").exists()  # the old model goes once nobody needs it
+
+
+def test_a_store_from_before_model_since_keeps_its_index_during_a_retrain(store_copy, monkeypatch):
+    photos, store = store_copy
+    with Store.open(store) as st, st.writing():
+        st.update_state({}, deletes=("model_since",))  # as an older version left it
+    _retrain_cut_off(photos, store, monkeypatch)
+    with Store.open(store) as st:
+        assert len(st.index) == N and st.index_model_serial == 1
+
+
+def test_an_engine_switching_models_during_a_retrain_loads_its_index_model(store_copy, monkeypatch):
+    """The served index and the model that embeds queries never disagree: an engine that
+    catches up with one retrain while the next is half-way loads the model of the index it
+    serves, not the store's newest."""
+    photos, store = store_copy
+    engine = Engine.open(store)
+    try:
+        index_folder(
+            photos, store, model=ONE_EPOCH.replace(seed=7), options=IndexOptions(retrain=True)
+        )
+        engine.store.refresh()  # the engine's store holds model 2's index; its embedder is 1's
+        assert engine.store.index_model_serial == 2 and engine.serial == 1
+        _retrain_cut_off(photos, store, monkeypatch, seed=11)  # model 3, same dimension
+        top = _top(engine, photos, PHOTO_SEEDS[6])
+        assert engine.serial == 2  # not 3: model 3 has no index yet
+        assert top.path == photo_name(PHOTO_SEEDS[6]) and top.score >= 0.99
+    finally:
+        engine.close()
+
+
+def test_what_needs_one_model_waits_for_a_retrain_half_way(store_copy, monkeypatch, tmp_path):
+    photos, store = store_copy
+    _retrain_cut_off(photos, store, monkeypatch)
+    before = _rows(store)
+    moved = tmp_path / "moved"
+    for args in (["--move-to", str(moved), "--yes"], ["--json"], ["--undo"]):
+        result = CliRunner().invoke(app, ["dedupe", "--store", str(store), *args])
+        assert result.exit_code == 1, result.output
+        assert "re-embedding its photos with a new model (0 of 30 done)" in result.output
+        assert f"lookalike index {photos} --store {store}" in result.output
+        assert "Traceback" not in result.output
+    engine = Engine.open(store)
+    try:
+        with pytest.raises(StoreIncompleteError):
+            engine.add_images([("new.png", (photos / photo_name(PHOTO_SEEDS[5])).read_bytes())])
+    finally:
+        engine.close()
+    assert _rows(store) == before and not moved.exists()
+    assert not (store / "uploads").exists() or not any((store / "uploads").iterdir())
+    info = CliRunner().invoke(app, ["info", "--store", str(store), "--json"])
+    assert json.loads(info.output)["re_embedding"] == {"model": 2, "done": 0, "of": N}
+    index_folder(photos, store)
+    result = CliRunner().invoke(app, ["dedupe", "--store", str(store), "--json"])
+    assert result.exit_code == 0, result.output
+    info = CliRunner().invoke(app, ["info", "--store", str(store), "--json"])
+    assert json.loads(info.output)["re_embedding"] is None
 
 
 # --------------------------------------------------------------------------- locks

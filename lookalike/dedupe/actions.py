@@ -185,6 +185,7 @@ def pending(store: Store) -> list[Action]:
 def resume(store: Store) -> ActionReport | None:
     """Finish an interrupted run, if there is one (holding the store's writer lock)."""
     with store.writing():
+        store.require_complete()
         return _resume(store)
 
 
@@ -192,12 +193,14 @@ def apply_actions(store: Store, actions: list[Action]) -> ActionReport:
     """Move or delete the files of a plan, journalled, and remove them from the store; the
     whole run holds the store's writer lock, so no index run sees it half done."""
     with store.writing():
+        store.require_complete()  # a retrain half-way since the groups were found
         return _apply_actions(store, actions)
 
 
 def undo(store: Store) -> UndoReport:
     """Put back every moved file of the last finished run and its row (writer lock held)."""
     with store.writing():
+        store.require_complete()
         return _undo(store)
 
 

@@ -253,6 +253,8 @@ def duplicates(
 ) -> dict:
     """find_groups as the JSON-ready dict of GET /duplicates (threshold None: the default);
     groups[offset:offset + limit] only, with "total" the number of groups."""
+    store.refresh()
+    store.require_complete()  # groups need every row embedded by one model
     t = default_threshold(store) if threshold is None else check_threshold(threshold)
     phash_max = check_phash_max(phash_max)
     from .verification import verified_pairs
