@@ -97,16 +97,20 @@ class Standardize(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def _conv(x, filters: int, strides: int, name: str):
-    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
-    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
-    return layers.ReLU(name=f"{name}_relu")(x)
+def _conv(x, filters: int, strides: int, name: str, residual: bool = False):
+    """3x3 conv, BatchNorm, ReLU; ``residual``: the ReLU of input + BatchNorm(conv(input))."""
+    y = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
+    y = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(y)
+    if residual:
+        y = layers.Add(name=f"{name}_add")([x, y])
+    return layers.ReLU(name=f"{name}_relu")(y)
 
 
 def build_encoder(cfg: ModelConfig) -> keras.Model:
     """Encoder: (size, size, 3) pixels in [0, 255] -> {"code": bottleneck, "features": pooled}.
 
-    Each level halves the resolution (stride-2 conv, then a 3x3 conv). The bottleneck ``code``
+    Each level halves the resolution (stride-2 conv, then a 3x3 conv, residual with
+    ``cfg.residual``). The bottleneck ``code``
     feeds the decoder; ``features`` concatenates the L2-normalised GeM pools of the levels in
     ``cfg.pooled_levels`` and is what the embedding is made from.
     """
@@ -122,7 +126,7 @@ def build_encoder(cfg: ModelConfig) -> keras.Model:
     for level, filters in enumerate(cfg.filters, start=1):
         x = _conv(x, filters, 2, f"down{level}")
         if level in cfg.refine_levels:
-            x = _conv(x, filters, 1, f"conv{level}")
+            x = _conv(x, filters, 1, f"conv{level}", cfg.residual)
         if level in cfg.pooled_levels:
             if cfg.pool_grids > 1:
                 g = RegionalGeM(cfg.gem_p, cfg.pool_grids, name=f"rgem{level}")(x)

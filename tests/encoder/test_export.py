@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {
     "default": TINY,
     "legacy": TINY.replace(input_norm="unit", pool_grids=1, tta_scales=(1.0,), flip_average=False),
+    "residual": TINY.replace(residual=True),
 }
 
 

@@ -187,6 +187,16 @@ def test_decoder_filters_can_differ_from_the_encoder():
         build_decoder(cfg.replace(decoder_filters=(8, 8)))
 
 
+def test_residual_levels_add_the_second_conv_to_its_input():
+    plain = build_encoder(TINY)
+    residual = build_encoder(TINY.replace(residual=True))
+    adds = [layer.name for layer in residual.layers if layer.name.endswith("_add")]
+    assert adds == [f"conv{level}_add" for level in TINY.refine_levels]
+    assert not [layer for layer in plain.layers if layer.name.endswith("_add")]
+    assert residual.count_params() == plain.count_params()  # a skip, no new weights
+    assert residual.get_layer("conv1_add").input[0] is residual.get_layer("down1_relu").output
+
+
 def test_regional_gem_sums_unit_gems_of_overlapping_regions():
     from lookalike.encoder.model import RegionalGeM
 
