@@ -38,6 +38,7 @@ class ModelConfig:
     mask_patch: int = 16  # side of a hidden square patch, pixels (must divide image_size)
     mask_loss: str = "all"  # MSE over: all (the whole image) | masked (the hidden patches only)
     mask_mix: float = 0.5  # share of the training views that are masked (the rest unmasked)
+    bn_clean_stats: bool = False  # after training, BatchNorm statistics from clean images
     epochs: int | None = None  # None: as many as train_samples asks for (at most max_epochs)
     train_samples: int = 24_000  # augmented images seen in training up to budget_images
     budget_images: int = 4_000  # training sets above this get more samples (see samples_for)
@@ -121,6 +122,7 @@ _LEGACY = {
     "pool_grids": 1,
     "decoder_filters": None,
     "residual": False,
+    "bn_clean_stats": False,
     # masked reconstruction and the growing, time-capped budget came later: off
     "mask_ratio": 0.0,
     "budget_growth": 0.0,

@@ -141,6 +141,8 @@ def train_autoencoder(
         if cap is not None and isinstance(learning_rate, TimedCosine):
             timed = timed or elapsed / (epoch + 1) * epochs > cap
     autoencoder.set_weights(best_weights)
+    if cfg.bn_clean_stats:  # the embedding sees clean images, not masked, augmented views
+        clean_batchnorm_statistics(encoder, pixels, train_idx, bs)
     run = len(history["val_loss"])
     history.update(
         best_epoch=int(np.argmin(history["val_loss"])) + 1,
@@ -170,6 +172,28 @@ def train_autoencoder(
     if progress:
         progress("export", 1, 1)
     return TrainResult(encoder, decoder, whitening, history, preview, portable, check)
+
+
+def clean_batchnorm_statistics(
+    encoder: keras.Model, pixels: np.ndarray, indices: np.ndarray, batch: int, limit: int = 2048
+) -> None:
+    """Set the running statistics of the encoder's BatchNorm layers to the mean of their batch
+    statistics over up to ``limit`` clean training images (full batches), instead of the
+    moving average over the masked, augmented views training saw. Weights are unchanged."""
+    norms = [
+        layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    idx = np.sort(indices[:limit])
+    starts = range(0, max(1, len(idx) - batch + 1), batch)
+    saved = [layer.momentum for layer in norms]
+    try:
+        for i, start in enumerate(starts):
+            for layer in norms:  # momentum i/(i+1): the running mean of the batches so far
+                layer.momentum = i / (i + 1)
+            encoder(tf.cast(pixels[idx[start : start + batch]], tf.float32), training=True)
+    finally:
+        for layer, momentum in zip(norms, saved):
+            layer.momentum = momentum
 
 
 def stop_reason(history: dict) -> str:

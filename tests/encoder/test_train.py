@@ -205,3 +205,37 @@ def test_store_load_embedder_matches_the_in_memory_model(tmp_path, pixels, train
     with Store.open(tmp_path / "store") as store:
         assert store.model_serial == 2
         np.testing.assert_allclose(store.load_embedder()(pixels), in_memory, rtol=0, atol=1e-4)
+
+
+def test_clean_batchnorm_statistics_are_the_mean_of_clean_batch_statistics(pixels):
+    import keras
+
+    from lookalike.encoder.model import build_encoder
+    from lookalike.encoder.train import clean_batchnorm_statistics
+
+    keras.utils.set_random_seed(3)
+    encoder = build_encoder(CFG)
+    start = np.asarray(encoder.get_layer("down1_bn").moving_mean).copy()
+    trainable = [np.asarray(v).copy() for v in encoder.trainable_weights]
+    conv = keras.Model(encoder.input, encoder.get_layer("down1").output)
+    batches = [pixels[i : i + 8].astype(np.float32) for i in range(0, N_IMAGES, 8)]
+    want = np.mean([np.asarray(conv(b)).mean(axis=(0, 1, 2)) for b in batches], axis=0)
+    clean_batchnorm_statistics(encoder, pixels, np.arange(N_IMAGES), 8)
+    bn = encoder.get_layer("down1_bn")
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(bn.moving_mean), start)
+    assert bn.momentum == 0.9  # restored
+    for before, after in zip(trainable, encoder.trainable_weights):
+        np.testing.assert_array_equal(before, np.asarray(after))  # weights untouched
+
+
+def test_bn_clean_stats_changes_only_the_running_statistics(pixels, trained):
+    result = train_autoencoder(pixels, CFG.replace(bn_clean_stats=True))
+    plain = trained[0]
+    for a, b in zip(plain.encoder.trainable_weights, result.encoder.trainable_weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same training
+    means = [w for w in result.encoder.weights if "moving_mean" in w.path]
+    plain_means = [w for w in plain.encoder.weights if "moving_mean" in w.path]
+    assert means and not all(
+        np.allclose(np.asarray(a), np.asarray(b)) for a, b in zip(means, plain_means)
+    )
