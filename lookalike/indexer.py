@@ -253,9 +253,9 @@ def plan_changes(store: Store, photos: Source, listing: Listing, report: IndexRe
 class Committer:
     """Writes embedded files to the table (one transaction per batch) and keeps the index and
     the report in step; shared by the single-process and the Ray paths. The to-do items carry
-    what it needs of the plan (``plan`` is accepted for older callers and not used)."""
+    what it needs of the plan."""
 
-    def __init__(self, store: Store, plan: Plan | None, index, report: IndexReport):
+    def __init__(self, store: Store, index, report: IndexReport):
         self.store = store
         self.index = index
         self.report = report
@@ -382,7 +382,7 @@ def _update(store, photos, listing, options, progress, report, ray, failed, deco
         if index is not None:
             with store.lock:
                 index.remove(plan.removed_ids)
-    committer = Committer(store, plan, index, report)
+    committer = Committer(store, index, report)
     committer.failed.update(failed)
     embedder = None
     if ray is not None:

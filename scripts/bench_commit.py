@@ -60,7 +60,7 @@ class OldCommitter(Committer):
 
 def run(store: Store, batches: int, batch: int, rng, old: bool, offset: int) -> float:
     """Rows/s of committing `batches` batches of new rows through the indexer's Committer."""
-    committer = (OldCommitter if old else Committer)(store, None, store.index, IndexReport())
+    committer = (OldCommitter if old else Committer)(store, store.index, IndexReport())
     took = 0.0
     for b in range(batches):
         rows = []

@@ -101,7 +101,7 @@ def bench_merge(n: int) -> dict:
             index_seconds = timed_index_build(store.db)
             before = rss_mb()
             report = IndexReport()
-            committer = Committer(store, plan, None, report)
+            committer = Committer(store, None, report)
             shards = ShardDir(store.root / "shards", store.model_serial, DIM)
             started, cpu = time.perf_counter(), time.process_time()
             _merge(shards, plan, committer, lambda *a: None)

@@ -171,7 +171,7 @@ def merge_store(root: Path, bulk: bool, monkeypatch) -> tuple:
     shard([4, 5, 6], [4, 5, 99], ["a" * 64, "b" * 64, "c" * 64], ["", "", ""])  # 6 changed
     shard([5, 7, 8], [5, 7, 8], ["b" * 64, "d" * 64, "e" * 64], ["", "", ""])  # 5 again
     report = IndexReport()
-    committer = Committer(store, plan, None, report)
+    committer = Committer(store, None, report)
     ray_index._merge(shards, plan, committer, lambda *a: None)
     names = {r[0] for r in store.db.conn.execute("SELECT name FROM sqlite_master")}
     listing.close()
