@@ -21,7 +21,7 @@ class ModelConfig:
     filters: tuple[int, ...] = (32, 64, 128, 256)  # channels of each stride-2 conv level
     decoder_filters: tuple[int, ...] | None = None  # decoder widths per level; None: filters
     refine_levels: tuple[int, ...] = (1, 2, 3, 4)  # levels with a second, stride-1 3x3 conv
-    residual: bool = False  # the second conv of a level adds to its input (a residual block)
+    residual: bool = True  # the second conv of a level adds to its input (a residual block)
     code_channels: int = 16  # channels of the bottleneck; code = (size/16)^2 * this floats
     pooled_levels: tuple[int, ...] = (1, 2, 3)  # 1-based levels GeM-pooled into the embedding
     gem_p: float = 3.0  # generalised-mean pooling exponent (1 = average, large = max)
@@ -121,7 +121,7 @@ _LEGACY = {
     "input_norm": "unit",
     "pool_grids": 1,
     "decoder_filters": None,
-    "residual": False,
+    "residual": False,  # residual levels came with issue 18's round 3 (session 6)
     "bn_clean_stats": False,
     # masked reconstruction and the growing, time-capped budget came later: off
     "mask_ratio": 0.0,

@@ -30,10 +30,11 @@ TINY = ModelConfig(
     batch_size=16,
     patience=3,
     seed=0,
-    # the quality defaults may change (issue 18 turned masks on); the tests that check what a
-    # tiny model finds keep the model they were written with; tests/encoder/test_masking.py
-    # trains one with the masked default end to end
+    # the quality defaults may change (issue 18 turned masks and residual levels on); the tests
+    # that check what a tiny model finds keep the model they were written with;
+    # tests/encoder/test_masking.py trains one with the default's masks and residual levels
     mask_ratio=0.0,
+    residual=False,
 )
 
 PHOTO_SEEDS = range(30)  # photos_dir holds one photo per seed

@@ -145,18 +145,25 @@ def test_the_denoising_views_are_the_ones_of_before_masking():
 
 def test_the_masked_default_trains_and_indexes_end_to_end(tmp_path, photos_dir):
     """index_folder with the default's masking (75 % of 16-px patches... here 8-px, the tiny
-    model's 32-px input, on half of the views): it trains, exports and every photo finds itself."""
+    model's 32-px input, on half of the views) and residual levels: it trains, exports and
+    every photo finds itself."""
     from lookalike.engine import Engine
     from lookalike.indexer import index_folder
 
     defaults = ModelConfig()
-    cfg = TINY.replace(mask_ratio=defaults.mask_ratio, mask_patch=8, mask_mix=defaults.mask_mix)
-    assert cfg.mask_ratio > 0 and 0 < cfg.mask_mix < 1
+    cfg = TINY.replace(
+        mask_ratio=defaults.mask_ratio,
+        mask_patch=8,
+        mask_mix=defaults.mask_mix,
+        residual=defaults.residual,
+    )
+    assert cfg.mask_ratio > 0 and 0 < cfg.mask_mix < 1 and cfg.residual
     report = index_folder(photos_dir, tmp_path / "store", model=cfg)
     assert report.trained and not report.failed
     engine = Engine.open(tmp_path / "store")
     try:
         assert engine.cfg.mask_ratio == cfg.mask_ratio and engine.cfg.mask_mix == cfg.mask_mix
+        assert engine.cfg.residual
         for path in sorted(photos_dir.rglob("*.*"))[:5]:
             hit = engine.search_bytes(path.read_bytes(), k=1)[0]
             assert hit.path == path.relative_to(photos_dir).as_posix() and hit.score >= 0.99

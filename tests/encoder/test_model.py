@@ -145,6 +145,17 @@ def test_old_config_without_new_fields_reproduces_the_old_model():
     assert decoder.get_layer("reconstruction").activation.__name__ == "sigmoid"
 
 
+def test_a_config_saved_before_residual_levels_loads_without_them():
+    from lookalike.config import ModelConfig
+
+    saved = ModelConfig().to_dict()  # as session 5 saved it: masks, no residual fields
+    saved.pop("residual")
+    saved.pop("bn_clean_stats")
+    cfg = ModelConfig.from_dict(saved)
+    assert not cfg.residual and not cfg.bn_clean_stats and ModelConfig().residual
+    assert not [layer for layer in build_encoder(cfg).layers if layer.name.endswith("_add")]
+
+
 def test_partial_config_dicts_get_todays_defaults():
     from lookalike.config import ModelConfig
 
