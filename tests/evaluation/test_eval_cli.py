@@ -214,3 +214,38 @@ def test_bench_query_smoke(tmp_path, photos_dir):
     kinds = {row["index"] for row in data["knn"]}
     assert {"flat", "ivf"} <= kinds
     assert all(row["recall@10"] == 1.0 for row in data["knn"] if row["index"] == "flat")
+
+
+@pytest.mark.slow
+def test_bench_train_smoke(tmp_path, photos_dir):
+    out = tmp_path / "train.json"
+    tiny = json.dumps(
+        {
+            "image_size": 32,
+            "filters": [8, 16, 16, 16],
+            "code_channels": 4,
+            "embedding_dim": 16,
+            "pooled_levels": [2, 3, 4],
+            "mask_patch": 8,
+            "epochs": 1,
+            "batch_size": 16,
+        }
+    )
+    result = run_script(
+        "scripts/bench_train.py",
+        "--photos",
+        str(photos_dir),
+        "--scratch",
+        str(tmp_path),
+        "--runs",
+        "1",
+        "--variant",
+        f"tiny={tiny}",
+        "--json",
+        str(out),
+    )
+    (run,) = json.loads(out.read_text())["tiny"]
+    assert run["epochs_run"] == run["epochs_planned"] == 1 and run["images"] == 30
+    assert run["train_seconds"] > 0 and run["embed_images_per_s"] > 0
+    assert "| tiny |" in result.stdout
+    assert not list(tmp_path.glob("store-*"))  # the scratch stores are removed
