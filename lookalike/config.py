@@ -39,7 +39,7 @@ class ModelConfig:
     mask_loss: str = "all"  # MSE over: all (the whole image) | masked (the hidden patches only)
     mask_mix: float = 0.5  # share of the training views that are masked (the rest unmasked)
     bn_clean_stats: bool = False  # after training, BatchNorm statistics from clean images
-    epochs: int | None = None  # None: as many as train_samples asks for (at most max_epochs)
+    epochs: int | None = None  # None: the steps train_samples asks for (at most max_epochs)
     train_samples: int = 24_000  # augmented images seen in training up to budget_images
     budget_images: int = 4_000  # training sets above this get more samples (see samples_for)
     budget_growth: float = 0.5  # samples grow as (train images / budget_images)^this; 0: fixed
@@ -86,12 +86,17 @@ class ModelConfig:
         grow = max(1.0, train_images / self.budget_images) ** self.budget_growth
         return int(min(self.max_train_samples, round(self.train_samples * grow)))
 
-    def epochs_for(self, train_images: int) -> int:
-        """Epochs to run on train_images: cfg.epochs, or the budget's worth (1..max_epochs)."""
+    def plan(self, train_images: int) -> tuple[int, int]:
+        """(epochs, steps of the last epoch) of training on train_images, batch_size images a
+        step: cfg.epochs whole epochs, or the budget's samples, i.e. whole epochs and then as many
+        steps as the rest of the budget asks for (1..max_epochs epochs, the last may be partial)."""
+        per_epoch = -(-train_images // self.batch_size)
         if self.epochs is not None:
-            return self.epochs
-        samples = self.samples_for(train_images)
-        return int(min(self.max_epochs, max(1, -(-samples // max(1, train_images)))))
+            return self.epochs, per_epoch
+        full, rest = divmod(self.samples_for(train_images), max(1, train_images))
+        if full >= self.max_epochs or (rest == 0 and full > 0):
+            return min(full, self.max_epochs), per_epoch
+        return full + 1, -(-rest // self.batch_size)
 
     def with_budget(self, factor: float) -> ModelConfig:
         """The training budget (samples, their cap and the time cap) times factor."""

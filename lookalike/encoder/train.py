@@ -64,10 +64,11 @@ def train_autoencoder(
     encoder, decoder, autoencoder = build_autoencoder(cfg)
     bs = cfg.batch_size
     steps = max(1, -(-len(train_idx) // bs))
-    epochs = cfg.epochs_for(len(train_idx))
+    epochs, last_steps = cfg.plan(len(train_idx))
+    planned = (epochs - 1) * steps + last_steps  # the budget's steps: the last epoch may be partial
     learning_rate = cfg.learning_rate
     if cfg.cosine_decay:  # anneal to 0 over the planned steps: a fixed budget ends converged
-        learning_rate = TimedCosine(cfg.learning_rate, epochs * steps)
+        learning_rate = TimedCosine(cfg.learning_rate, planned)
     optimizer = keras.optimizers.Adam(learning_rate)
     variables = autoencoder.trainable_variables
     spec = tf.TensorSpec([None, cfg.image_size, cfg.image_size, 3], tf.uint8)
@@ -105,17 +106,19 @@ def train_autoencoder(
     started = time.perf_counter()
     cap = cfg.max_train_seconds
     timed_out = timed = False  # timed: the cap, not the steps, paces the learning rate
+    done = 0  # steps run
     for epoch in range(epochs):
         perm = rng.permutation(train_idx)
         losses = []
-        for step in range(steps):
+        for step in range(steps if epoch < epochs - 1 else last_steps):
             idx = np.sort(perm[step * bs : (step + 1) * bs])
             if len(idx) == 0:
                 continue
             seed = tf.constant([cfg.seed, epoch * 1_000_003 + step], tf.int32)
             losses.append(float(train_step(pixels[idx], seed)))
+            done += 1
             if progress:
-                progress(f"epoch {epoch + 1}/{epochs}", epoch * steps + step + 1, epochs * steps)
+                progress(f"epoch {epoch + 1}/{epochs}", epoch * steps + step + 1, planned)
             if cap is not None:  # past the cap: end this epoch here, validate, keep the best
                 elapsed = time.perf_counter() - started
                 if timed:
@@ -139,7 +142,7 @@ def train_autoencoder(
         # does the model depend on the machine's speed; otherwise same seed, same model)
         elapsed = time.perf_counter() - started
         if cap is not None and isinstance(learning_rate, TimedCosine):
-            timed = timed or elapsed / (epoch + 1) * epochs > cap
+            timed = timed or elapsed / max(done, 1) * planned > cap
     autoencoder.set_weights(best_weights)
     if cfg.bn_clean_stats:  # the embedding sees clean images, not masked, augmented views
         clean_batchnorm_statistics(encoder, pixels, train_idx, bs)
@@ -149,6 +152,8 @@ def train_autoencoder(
         best_val_loss=float(best),
         epochs_run=run,
         epochs_planned=epochs,
+        steps_planned=planned,
+        steps_run=done,
         stopped_early=run < epochs,
         time_capped=timed_out,
         train_images=len(train_idx),
@@ -156,7 +161,7 @@ def train_autoencoder(
         seconds=round(time.perf_counter() - started, 2),
     )
     if progress:  # the bar ends where training ended, saying why
-        progress(stop_reason(history), run * steps, run * steps)
+        progress(stop_reason(history), done, done)
         progress("whitening", 0, 1)
     whitening = fit_whitening(Embedder(encoder, None, cfg), pixels, cfg)
     if progress:

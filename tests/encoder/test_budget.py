@@ -15,21 +15,32 @@ from lookalike.encoder.train import stop_reason, train_autoencoder
 def plan(cfg: ModelConfig, photos: int) -> tuple[int, int, int, int]:
     """(training images, budget, epochs, samples seen) `lookalike index` plans for photos."""
     train = cfg.split(min(photos, cfg.max_train_images))[0]
-    epochs = cfg.epochs_for(train)
-    return train, cfg.samples_for(train), epochs, epochs * train
+    epochs, last_steps = cfg.plan(train)
+    last = min(train, last_steps * cfg.batch_size)  # the last epoch may be partial
+    return train, cfg.samples_for(train), epochs, (epochs - 1) * train + last
 
 
 @pytest.mark.parametrize(
     "photos, expected",
     [
-        (1_000, (900, 24_000, 27, 24_300)),  # small: the fixed 24,000 samples, 27 epochs
+        (1_000, (900, 24_000, 27, 24_040)),  # small: the fixed 24,000 samples, 27 epochs
+        (4_258, (3_832, 24_000, 7, 24_016)),  # intel_scenes: six epochs and 16 steps
         (10_000, (9_000, 36_000, 4, 36_000)),  # 24,000 x (9,000 / 4,000)^0.5
-        (60_000, (18_000, 50_912, 3, 54_000)),  # the sample stops at 20,000 photos
-        (1_000_000, (18_000, 50_912, 3, 54_000)),
+        (60_000, (18_000, 50_912, 3, 50_912)),  # the sample stops at 20,000 photos
+        (1_000_000, (18_000, 50_912, 3, 50_912)),
     ],
 )
 def test_the_default_budget_grows_with_the_collection(photos, expected):
     assert plan(ModelConfig(), photos) == expected
+
+
+def test_the_last_epoch_runs_only_the_steps_left_of_the_budget():
+    cfg = ModelConfig(train_samples=1_000, batch_size=100)
+    assert cfg.plan(300) == (4, 1)  # 3 epochs of 300, then one step for the last 100
+    assert cfg.plan(250) == (4, 3)  # 4 x 250 = 1,000: whole epochs
+    assert cfg.plan(2_000) == (1, 10)  # half an epoch
+    assert ModelConfig(epochs=5, batch_size=100).plan(250) == (5, 3)  # whole epochs asked
+    assert ModelConfig(train_samples=10**6, max_epochs=8).plan(100) == (8, 2)  # capped
 
 
 def test_the_budget_is_capped():
@@ -57,6 +68,21 @@ def test_train_budget_scales_samples_and_time_cap():
     assert plan(cfg, 10_000)[1] == 72_000
     with pytest.raises(ValueError, match="budget factor must be > 0"):
         ModelConfig().with_budget(0)
+
+
+def test_training_stops_at_the_budget_within_the_last_epoch():
+    pixels = np.stack(
+        [np.asarray(make_photo(np.random.default_rng(s), (32, 32))) for s in range(24)]
+    )
+    cfg = dataclasses.replace(
+        TINY, batch_size=8, epochs=None, train_samples=30, max_train_seconds=None, patience=9
+    )
+    seen = []
+    result = train_autoencoder(pixels, cfg, progress=lambda *a: seen.append(a))
+    h = result.history  # 22 training images, 3 steps an epoch: 22 samples, then one step of 8
+    assert (h["train_images"], h["epochs_planned"], h["epochs_run"]) == (22, 2, 2)
+    assert h["steps_planned"] == h["steps_run"] == 4
+    assert [a[1:] for a in seen if a[0].startswith("epoch")][-1] == (4, 4)
 
 
 def test_the_time_cap_stops_training_and_keeps_a_usable_model():
