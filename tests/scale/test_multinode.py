@@ -29,7 +29,14 @@ def cluster():
     workers = [c.add_node(num_cpus=1) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
+    # the pool starts every actor before the first batch: a node whose actor starts late under
+    # load would otherwise find all batches taken and embed nothing
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    waited, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 300
     yield c, workers
+    context.wait_for_min_actors_s = waited
     ray.shutdown()
     c.shutdown()
 
