@@ -12,7 +12,8 @@ different), and the kept photo is the best of its group by the keep rule. No Ten
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 # 32 bits apart, no features verified)
 BAND = 0.05
 WITNESS_PHASH = 16
+ASPECT_TOLERANCE = 0.02  # frames whose aspect ratios differ by more may be crops of each other
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,9 @@ def find_groups(
             adjacent[a].append(b)
             adjacent[b].append(a)
     rank = _rank(keep, records, quality, preferred)
+    crops = _crops(store, links, records, rank) if keep == DEFAULT_KEEP else set()
+    if crops:  # a crop is never kept over the photo it was cut from, however sharp
+        rank = _rank(keep, records, quality, preferred, crops)
     taken: set[int] = set()
     groups = []
     for center in sorted(nodes, key=rank):
@@ -159,9 +164,10 @@ def find_groups(
         if not joined:
             continue
         taken.update([center, *joined])
-        groups.append(
-            _group(center, joined, records, vectors, (links, matches), quality, keep, preferred)
-        )
+        group = _group(center, joined, records, vectors, (links, matches), quality, keep, preferred)
+        if crops & set(joined):
+            group = replace(group, reason=group.reason + "; its crops come after it")
+        groups.append(group)
     groups.sort(key=lambda g: min(m.path for m in g.members))
     return groups
 
@@ -178,15 +184,42 @@ def _witnessed(pair, kind, band_top, vectors, records, matches) -> bool:
     return matches.get(pair, 0) >= MIN_MATCHES or (dist is not None and dist <= WITNESS_PHASH)
 
 
-def _rank(keep: str, records: dict, quality: dict, preferred: set[int]) -> Callable[[int], tuple]:
-    """Sort key of ids: a reviewer's choice first, then the keep rule's order."""
+def _rank(
+    keep: str, records: dict, quality: dict, preferred: set[int], crops: frozenset = frozenset()
+) -> Callable[[int], tuple]:
+    """Sort key of ids: a reviewer's choice first, then (``original``) photos that are no crop
+    of another, then the keep rule's order."""
     if keep == DEFAULT_KEEP:
         return lambda i: (
             i not in preferred,
+            i in crops,
             original_key(records[i].path, quality.get(i), records[i].size),
         )
     key = plain_key(keep)
     return lambda i: (i not in preferred, key(_plain(records[i])))
+
+
+def _crops(store: Store, links: dict, records: dict, rank: Callable) -> set[int]:
+    """The photos that the keep rule ranks before a linked photo whose frame holds theirs (a
+    crop of it: verification.cropped_from). Checked where the frames differ: the photo ranked
+    first has fewer pixels or another aspect ratio (a re-encode or a resize of the same frame
+    needs no geometry)."""
+    from .verification import WORKERS, cropped_from, features
+
+    pairs = []
+    for a, b in links:
+        first, other = (a, b) if rank(a) < rank(b) else (b, a)
+        fr, orec = records[first], records[other]
+        aspects = fr.width * orec.height, orec.width * fr.height
+        if fr.width * fr.height < orec.width * orec.height or abs(
+            aspects[0] - aspects[1]
+        ) > ASPECT_TOLERANCE * max(aspects):
+            pairs.append((first, other))
+    ids = sorted({i for pair in pairs for i in pair})
+    with ThreadPoolExecutor(WORKERS) as pool:  # OpenCV releases the GIL
+        seen = dict(zip(ids, pool.map(features, [store.file_path(records[i].path) for i in ids])))
+        found = pool.map(lambda p: cropped_from(seen[p[0]], seen[p[1]]), pairs)
+        return {first for (first, _), crop in zip(pairs, found) if crop}
 
 
 def _plain(rec: Any) -> Member:

@@ -42,6 +42,11 @@ MIN_MATCHES = 40  # inliers that verify a pair
 # different photos that share shapes reach 40-50 (the demo's procedural beaches); copies of
 # the same photo keep 60 and more
 STRICT_MATCHES = 64
+# A photo is a crop of another when its frame, mapped onto the other's, lies inside it (this
+# share of its area: the transform's error and a crop flush with an edge stay inside) and
+# covers less than CROP_COVER of the other's frame (a re-encode or a resize covers all of it)
+CROP_INSIDE = 0.95
+CROP_COVER = 0.9
 NEIGHBOURS = 5  # candidates per photo: its nearest others under the threshold
 FLOOR = 0.5  # candidates score at least this cosine
 # The cache key of a pair's inliers: changing any setting above that shapes the count makes
@@ -71,9 +76,10 @@ def _read(path) -> tuple[np.ndarray, str | None]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def describe(data: np.ndarray) -> tuple[Any, Any] | None:
-    """(points (k, 2) float32, descriptors (k, 32) uint8) of encoded image bytes at
-    WORK_SIDE, or None if undecodable or bare: the ORB work a cache hit saves."""
+def describe(data: np.ndarray) -> tuple[Any, Any, tuple[int, int]] | None:
+    """(points (k, 2) float32, descriptors (k, 32) uint8, (height, width) of the matched image)
+    of encoded image bytes at WORK_SIDE, or None if undecodable or bare: the ORB work a cache
+    hit saves."""
     cv2 = _cv2()
     img = cv2.imdecode(data, cv2.IMREAD_REDUCED_GRAYSCALE_2) if data.size else None
     if img is not None and max(img.shape) < WORK_SIDE:
@@ -86,30 +92,53 @@ def describe(data: np.ndarray) -> tuple[Any, Any] | None:
     kps, desc = orb.detectAndCompute(img, None)
     if desc is None or len(kps) < 5:
         return None
-    return np.float32([k.pt for k in kps]), desc
+    return np.float32([k.pt for k in kps]), desc, img.shape[:2]
 
 
-def features(path) -> tuple[Any, Any] | None:
-    """(keypoints, descriptors) of one file at WORK_SIDE, or None if unreadable or bare."""
+def features(path) -> tuple[Any, Any, tuple[int, int]] | None:
+    """(keypoints, descriptors, size) of one file at WORK_SIDE, or None if unreadable or bare."""
     return describe(_read(path)[0])
+
+
+def _similarity(a: tuple | None, b: tuple | None) -> tuple[np.ndarray | None, int]:
+    """(the 2x3 similarity transform from a's image to b's, its RANSAC inliers) of two photos'
+    features; (None, 0) where they do not fit one."""
+    if a is None or b is None:
+        return None, 0
+    cv2 = _cv2()
+    (pa, da, _), (pb, db, _) = a, b
+    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
+    good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
+    if len(good) < 6:
+        return None, 0
+    src = pa[[m.queryIdx for m in good]]
+    dst = pb[[m.trainIdx for m in good]]
+    transform, mask = cv2.estimateAffinePartial2D(
+        src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION
+    )
+    return (transform, int(mask.sum())) if mask is not None else (None, 0)
 
 
 def matches(a: tuple | None, b: tuple | None) -> int:
     """RANSAC inliers of a similarity transform between two photos' features (0: none)."""
-    if a is None or b is None:
-        return 0
+    return _similarity(a, b)[1]
+
+
+def cropped_from(a: tuple | None, b: tuple | None) -> bool:
+    """Whether photo a is a crop of photo b: their features fit one similarity transform
+    (MIN_MATCHES inliers), a's frame mapped into b's lies inside it (CROP_INSIDE of its area)
+    and covers less than CROP_COVER of b's. Then b shows all a shows, and more."""
+    transform, inliers = _similarity(a, b)
+    if transform is None or inliers < MIN_MATCHES:
+        return False
     cv2 = _cv2()
-    (pa, da), (pb, db) = a, b
-    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
-    good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
-    if len(good) < 6:
-        return 0
-    src = pa[[m.queryIdx for m in good]]
-    dst = pb[[m.trainIdx for m in good]]
-    _, mask = cv2.estimateAffinePartial2D(
-        src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION
-    )
-    return int(mask.sum()) if mask is not None else 0
+    (ha, wa), (hb, wb) = a[2], b[2]
+    corners = np.float32([[0, 0], [wa, 0], [wa, ha], [0, ha]])
+    mapped = (corners @ transform[:, :2].T + transform[:, 2]).astype(np.float32)
+    frame = np.float32([[0, 0], [wb, 0], [wb, hb], [0, hb]])
+    inside, _ = cv2.intersectConvexConvex(mapped, frame)
+    area = abs(float(cv2.contourArea(mapped)))
+    return area > 0 and inside >= CROP_INSIDE * area and inside < CROP_COVER * wb * hb
 
 
 class Verifier:
