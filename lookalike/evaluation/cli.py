@@ -114,6 +114,8 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
                 table.add_row(name, *[_fmt(scores[key]) for key in group])
             out.print(table)
     facts = {k: report.get(k) for k in ("n", "images", "k", "groups", "sample") if k in report}
+    if "kept_original" in report:  # dedupe groups that keep their ground-truth original
+        facts["kept_original"] = "{kept} of {of}".format(**report["kept_original"])
     out.print(
         ", ".join(f"{k} {v}" for k, v in facts.items()) + f"; {report['seconds']['total']:.1f} s",
         highlight=False,

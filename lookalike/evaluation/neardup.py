@@ -53,6 +53,24 @@ def read_groups(path: Path) -> dict[str, str]:
     return {r["file"].strip().replace("\\", "/"): r["group_id"].strip() for r in rows}
 
 
+def read_originals(path: Path) -> set[str]:
+    """The files groups.csv marks as their group's original (a ``variant`` column whose value is
+    ``original``); empty without that column."""
+    with open(path, newline="") as f:
+        return {
+            r["file"].strip().replace("\\", "/")
+            for r in csv.DictReader(f)
+            if (r.get("variant") or "").strip().lower() == "original"
+        }
+
+
+def kept_originals(groups: list[list[str]], originals: set[str]) -> dict[str, int]:
+    """Of the dedupe groups holding a ground-truth original (kept photo first in each group),
+    how many keep it: a copy kept over its original is what moves the original away."""
+    holding = [g for g in groups if originals.intersection(g)]
+    return {"kept": sum(g[0] in originals for g in holding), "of": len(holding)}
+
+
 def _lookalike_dedupe(
     store: Store,
 ) -> tuple[list[list[str]] | None, float | None, str | None, dict[tuple[int, int], int]]:
@@ -213,6 +231,7 @@ def evaluate_neardup(
     distractors: never queries, only confusers)."""
     started = time.perf_counter()
     truth = read_groups(groups_csv)
+    originals = read_originals(groups_csv)
     report: dict[str, Any] = {"task": "neardup", "photos": str(Path(photos).resolve())}
     timings: dict[str, float] = {}
     notes = list(NOTES)
@@ -229,6 +248,9 @@ def evaluate_neardup(
             methods[ranker.name], extra[ranker.name] = _score_ranker(
                 ranker, st, coll, truth_here, depth, (links, linked), notes
             )
+            kept_groups = extra[ranker.name].pop("groups", None)  # lookalike's, kept photo first
+            if kept_groups is not None and originals:
+                report["kept_original"] = kept_originals(kept_groups, originals)
             timings[ranker.name] = time.perf_counter() - t0
     members, true_groups = truth_here.members, truth_here.true_groups
     missing = sorted(f for f in truth if f not in set(coll.paths))
@@ -316,6 +338,8 @@ def _score_ranker(
     else:
         scores.update(metrics.pair_scores(pred, truth.true_groups.values()))
         more["dedupe_groups"] = len(pred)
+        if lookalike:
+            more["groups"] = pred  # for kept_original; not in the report
     return {key: scores[key] for key in METHOD_KEYS}, more
 
 

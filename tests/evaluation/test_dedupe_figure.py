@@ -74,3 +74,20 @@ def test_verified_evidence_rows_follow_the_collection_positions():
         [0, 2, VERIFIED_SCORE + 0.080],
         [1, 3, VERIFIED_SCORE + 0.300],
     ]  # the pair of an id outside the collection is left out
+
+
+def test_kept_original_counts_the_groups_that_keep_their_original(tmp_path):
+    from lookalike.evaluation.neardup import kept_originals, read_originals
+
+    csv_file = tmp_path / "groups.csv"
+    csv_file.write_text(
+        "file,group_id,variant\na.jpg,g1,original\nb.jpg,g1,crop\nc.jpg,g2,Original\n"
+        "d.jpg,g2,jpeg\ne.jpg,d1,distractor\n"
+    )
+    originals = read_originals(csv_file)
+    assert originals == {"a.jpg", "c.jpg"}
+    groups = [["a.jpg", "b.jpg"], ["d.jpg", "c.jpg"], ["e.jpg", "x.jpg"]]  # kept photo first
+    assert kept_originals(groups, originals) == {"kept": 1, "of": 2}
+    plain = tmp_path / "plain.csv"
+    plain.write_text("file,group_id\na.jpg,g1\nb.jpg,g1\n")
+    assert read_originals(plain) == set()
