@@ -108,9 +108,9 @@ def test_neardup_trains_a_temporary_store(neardup_set):
         assert look["recall@p0.95"] >= look["pair_recall"]
     # pHash finds JPEG re-encodes and the crop's group-mates easily on these flat drawings
     assert report["methods"]["phash"]["recall@3"] > 0.5
-    if HAS_DEDUPE and report["methods"]["lookalike"]["pair_recall"]:  # groups.csv has variants
+    if HAS_DEDUPE:  # groups.csv has variants: the dedupe groups that keep their original
         kept = report["kept_original"]
-        assert 0 <= kept["kept"] <= kept["of"] <= 4 and kept["of"] > 0
+        assert 0 <= kept["kept"] <= kept["of"] <= 4
     assert "groups" not in report["details"]["lookalike"]  # the groups stay out of the report
 
 
