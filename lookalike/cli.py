@@ -707,12 +707,17 @@ def _dedupe_against(st, against: Path, t: float, phash: int | None, as_json: boo
         print(json.dumps(known.to_dict()))
         return
     for k in known.known:
-        best = ", ".join(f"{p} ({s:.4f})" for p, s in k.matches)
+        best = ", ".join(
+            f"{p} ({s:.4f}{', a crop of this file' if p in k.crops else ''})" for p, s in k.matches
+        )
         out.print(f"{k.path}  ->  {best}", highlight=False, markup=False, soft_wrap=True)
     out.print(
         f"{len(known.known)} of {known.checked} files already have a near-duplicate "
         f"(threshold {t:.4f})"
     )
+    partial = sum(k.only_crops for k in known.known)
+    if partial:
+        out.print(f"{partial} of them the collection has only as crops: keep those files")
     for f in known.failed:
         err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
 

@@ -29,11 +29,22 @@ class Known:
 
     path: str  # relative to the folder
     matches: list[tuple[str, float]]  # (stored path relative to PHOTOS, cosine), best first
+    crops: frozenset[str] = frozenset()  # matches that are crops of this file: it holds more
+
+    @property
+    def only_crops(self) -> bool:
+        """Every match is a crop of this file: the collection lacks part of it."""
+        return {p for p, _ in self.matches} <= self.crops
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,
-            "matches": [{"path": p, "score": round(s, 6)} for p, s in self.matches],
+            "matches": [
+                {"path": p, "score": round(s, 6)}
+                | ({"crop_of_file": True} if p in self.crops else {})
+                for p, s in self.matches
+            ],
+            "only_crops": self.only_crops,
         }
 
 
@@ -101,9 +112,22 @@ def find_known(
             matches = [(p, s) for p, s in found.items() if _where(store, p) != own]
             matches.sort(key=lambda m: (-m[1], m[0]))
             if matches:
-                report.known.append(Known(im.path.relative_to(base).as_posix(), matches[:k]))
+                rel = im.path.relative_to(base).as_posix()
+                crops = _crops_of(store, im.path, [p for p, _ in matches[:k]])
+                report.known.append(Known(rel, matches[:k], crops))
     report.known.sort(key=lambda x: x.path)
     return report
+
+
+def _crops_of(store: Store, path: Path, stored: list[str]) -> frozenset[str]:
+    """The stored photos that are crops of the file at path (verification.cropped_from): the
+    file holds more than they do, so the collection does not have all of it."""
+    from .verification import cropped_from, features
+
+    own = features(path)
+    if own is None:
+        return frozenset()
+    return frozenset(p for p in stored if cropped_from(features(store.file_path(p)), own))
 
 
 def _close_hashes(

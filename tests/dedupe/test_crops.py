@@ -91,3 +91,15 @@ def test_cropped_from_tells_a_crop_from_a_reencode(files):
 def test_other_keep_policies_are_plain_orders(tmp_path, files):
     (group,) = find_groups(store_of(tmp_path, files), 0.9, keep="smallest")
     assert group.keep.path == "a_crop.jpg"  # asked for: the smallest file is kept
+
+
+def test_against_says_when_the_collection_has_only_a_crop_of_a_file(tmp_path, files):
+    from lookalike.dedupe.incoming import Known, _crops_of
+
+    store = store_of(tmp_path, files)
+    crops = _crops_of(store, files / "b_original.jpg", ["a_crop.jpg", "c_copy.jpg"])
+    assert crops == {"a_crop.jpg"}  # the re-encode holds the whole frame
+    only_crop = Known("incoming.jpg", [("a_crop.jpg", 0.93)], crops)
+    assert only_crop.only_crops and only_crop.to_dict()["matches"][0]["crop_of_file"]
+    assert not Known("incoming.jpg", [("a_crop.jpg", 0.93), ("c_copy.jpg", 0.99)], crops).only_crops
+    assert _crops_of(store, files / "a_crop.jpg", ["b_original.jpg"]) == frozenset()
