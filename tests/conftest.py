@@ -122,6 +122,15 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
+@pytest.fixture(autouse=True)
+def _fresh_crop_verdicts():
+    """Dedupe holds crop verdicts by content hash for the process; tests make up hashes
+    (one per row number), so each test starts with none held."""
+    from lookalike.dedupe import grouping
+
+    grouping._CROP_VERDICTS.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> ModelConfig:
     return TINY

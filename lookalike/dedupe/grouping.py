@@ -11,6 +11,7 @@ different), and the kept photo is the best of its group by the keep rule. No Ten
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
 BAND = 0.05
 WITNESS_PHASH = 16
 ASPECT_TOLERANCE = 0.02  # frames whose aspect ratios differ by more may be crops of each other
+# (sha256 of a photo, of another): whether the first is a crop of the second; this process's
+_CROP_VERDICTS: OrderedDict[tuple[str, str], bool] = OrderedDict()
+CROP_VERDICTS_HELD = 200_000
 
 
 @dataclass(frozen=True)
@@ -203,23 +207,32 @@ def _crops(store: Store, links: dict, records: dict, rank: Callable) -> set[int]
     """The photos that the keep rule ranks before a linked photo whose frame holds theirs (a
     crop of it: verification.cropped_from). Checked where the frames differ: the photo ranked
     first has fewer pixels or another aspect ratio (a re-encode or a resize of the same frame
-    needs no geometry)."""
+    needs no geometry). Verdicts are held by content for the process (the service's pages)."""
     from .verification import WORKERS, cropped_from, features
 
-    pairs = []
-    for a, b in links:
-        first, other = (a, b) if rank(a) < rank(b) else (b, a)
-        fr, orec = records[first], records[other]
-        aspects = fr.width * orec.height, orec.width * fr.height
-        if fr.width * fr.height < orec.width * orec.height or abs(
-            aspects[0] - aspects[1]
-        ) > ASPECT_TOLERANCE * max(aspects):
-            pairs.append((first, other))
-    ids = sorted({i for pair in pairs for i in pair})
+    ordered = [(a, b) if rank(a) < rank(b) else (b, a) for a, b in links]
+    pairs = [
+        (first, other) for first, other in ordered if _frames_differ(records[first], records[other])
+    ]
+    key = {p: (records[p[0]].sha256, records[p[1]].sha256) for p in pairs}
+    verdicts = {p: _CROP_VERDICTS.get(key[p]) for p in pairs}
+    todo = [p for p, crop in verdicts.items() if crop is None]
+    ids = sorted({i for pair in todo for i in pair})
     with ThreadPoolExecutor(WORKERS) as pool:  # OpenCV releases the GIL
         seen = dict(zip(ids, pool.map(features, [store.file_path(records[i].path) for i in ids])))
-        found = pool.map(lambda p: cropped_from(seen[p[0]], seen[p[1]]), pairs)
-        return {first for (first, _), crop in zip(pairs, found) if crop}
+        found = dict(zip(todo, pool.map(lambda p: cropped_from(seen[p[0]], seen[p[1]]), todo)))
+    verdicts.update(found)
+    _CROP_VERDICTS.update((key[p], crop) for p, crop in found.items())
+    while len(_CROP_VERDICTS) > CROP_VERDICTS_HELD:
+        _CROP_VERDICTS.popitem(last=False)
+    return {first for (first, _), crop in verdicts.items() if crop}
+
+
+def _frames_differ(first: Any, other: Any) -> bool:
+    """Whether FIRST may be a crop of OTHER: fewer pixels, or an aspect ratio that differs."""
+    aspects = first.width * other.height, other.width * first.height
+    smaller = first.width * first.height < other.width * other.height
+    return smaller or abs(aspects[0] - aspects[1]) > ASPECT_TOLERANCE * max(aspects)
 
 
 def _plain(rec: Any) -> Member:

@@ -75,6 +75,21 @@ def test_without_the_geometry_the_crop_would_be_kept(tmp_path, files, monkeypatc
     assert group.keep.path == "a_crop.jpg"
 
 
+def test_a_second_listing_reuses_the_crop_verdicts(tmp_path, files, monkeypatch):
+    from lookalike.dedupe import verification
+
+    store = store_of(tmp_path, files)
+    find_groups(store, 0.9)
+    calls = []
+    real = verification.features
+    monkeypatch.setattr(verification, "features", lambda path: calls.append(path) or real(path))
+    (group,) = find_groups(store, 0.9)  # the service's next page: no photo read again
+    assert group.keep.path == "b_original.jpg" and calls == []
+    grouping._CROP_VERDICTS.clear()
+    (group,) = find_groups(store, 0.9)
+    assert group.keep.path == "b_original.jpg" and calls  # the counter sees fresh work
+
+
 def test_cropped_from_tells_a_crop_from_a_reencode(files):
     from lookalike.dedupe.verification import cropped_from, features
 
