@@ -57,19 +57,52 @@ def train_autoencoder(
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(n)
-    n_val = cfg.split(n)[1]
-    val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
-
+    plan = _Plan.of(n, cfg, rng)
     encoder, decoder, autoencoder = build_autoencoder(cfg)
-    bs = cfg.batch_size
-    steps = max(1, -(-len(train_idx) // bs))
-    epochs, last_steps = cfg.plan(len(train_idx))
-    planned = (epochs - 1) * steps + last_steps  # the budget's steps: the last epoch may be partial
     learning_rate = cfg.learning_rate
     if cfg.cosine_decay:  # anneal to 0 over the planned steps: a fixed budget ends converged
-        learning_rate = TimedCosine(cfg.learning_rate, planned)
-    optimizer = keras.optimizers.Adam(learning_rate)
+        learning_rate = TimedCosine(cfg.learning_rate, plan.planned)
+    train_step, val_step = _step_functions(autoencoder, cfg, keras.optimizers.Adam(learning_rate))
+    history = _fit(
+        autoencoder, pixels, cfg, plan, (train_step, val_step), rng, learning_rate, progress
+    )
+    if cfg.bn_clean_stats:  # the embedding sees clean images, not masked, augmented views
+        clean_batchnorm_statistics(encoder, pixels, plan.train_idx, cfg.batch_size)
+    if progress:  # the bar ends where training ended, saying why
+        progress(stop_reason(history), history["steps_run"], history["steps_run"])
+    return _finish(encoder, decoder, autoencoder, pixels, plan, cfg, history, progress)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A run's split and steps: the budget's steps (cfg.plan), the last epoch maybe partial."""
+
+    val_idx: np.ndarray
+    train_idx: np.ndarray
+    epochs: int
+    steps: int  # of a whole epoch
+    last_steps: int  # of the last epoch
+
+    @classmethod
+    def of(cls, n: int, cfg: ModelConfig, rng: np.random.Generator) -> _Plan:
+        order = rng.permutation(n)
+        n_val = cfg.split(n)[1]
+        train_idx = order[n_val:]
+        steps = max(1, -(-len(train_idx) // cfg.batch_size))
+        epochs, last_steps = cfg.plan(len(train_idx))
+        return cls(np.sort(order[:n_val]), train_idx, epochs, steps, last_steps)
+
+    @property
+    def planned(self) -> int:
+        return (self.epochs - 1) * self.steps + self.last_steps
+
+    def steps_of(self, epoch: int) -> int:
+        return self.steps if epoch < self.epochs - 1 else self.last_steps
+
+
+def _step_functions(autoencoder: keras.Model, cfg: ModelConfig, optimizer) -> tuple:
+    """The compiled training step (augmented, maybe masked view in, MSE to the clean image,
+    one Adam update) and validation step (the summed MSE of clean images)."""
     variables = autoencoder.trainable_variables
     spec = tf.TensorSpec([None, cfg.image_size, cfg.image_size, 3], tf.uint8)
 
@@ -95,88 +128,133 @@ def train_autoencoder(
         target = normalize_pixels(clean, cfg.input_norm)
         return tf.reduce_sum(tf.reduce_mean(tf.square(recon - target), axis=(1, 2, 3)))
 
+    return train_step, val_step
+
+
+@dataclass
+class _Pace:
+    """The wall-time cap (cfg.max_train_seconds). Once an epoch's pace says the run will not fit
+    it, the cosine anneals by elapsed time (only then does the model depend on the machine's
+    speed; otherwise same seed, same model); past it, the epoch ends there."""
+
+    cap: float | None
+    learning_rate: object
+    planned: int
+    started: float = field(default_factory=time.perf_counter)
+    timed: bool = False  # the cap, not the steps, paces the learning rate
+    timed_out: bool = False
+
+    def after_step(self) -> bool:
+        """Whether the cap is reached (then the epoch ends here, is validated, may be kept)."""
+        if self.cap is None:
+            return False
+        elapsed = time.perf_counter() - self.started
+        if self.timed:
+            self.learning_rate.time_share.assign(elapsed / self.cap if self.cap > 0 else 1.0)
+        self.timed_out = elapsed >= self.cap
+        return self.timed_out
+
+    def after_epoch(self, done: int) -> None:
+        if self.cap is not None and isinstance(self.learning_rate, TimedCosine):
+            elapsed = time.perf_counter() - self.started
+            self.timed = self.timed or elapsed / max(done, 1) * self.planned > self.cap
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 2)
+
+
+def _fit(autoencoder, pixels, cfg, plan: _Plan, step_fns, rng, learning_rate, progress) -> dict:
+    """The epochs, with early stopping on the validation MSE; the best weights are set back.
+    Returns the history (losses per epoch, best epoch, steps and why it stopped)."""
+    train_step, val_step = step_fns
+
     def val_loss() -> float:
-        total = 0.0
-        for start in range(0, n_val, 256):
-            total += float(val_step(pixels[val_idx[start : start + 256]]))
-        return total / n_val
+        n_val, idx = len(plan.val_idx), plan.val_idx
+        return sum(float(val_step(pixels[idx[i : i + 256]])) for i in range(0, n_val, 256)) / n_val
 
     history: dict = {"loss": [], "val_loss": [], "initial_val_loss": val_loss()}
     best, best_weights, waited = np.inf, autoencoder.get_weights(), 0
-    started = time.perf_counter()
-    cap = cfg.max_train_seconds
-    timed_out = timed = False  # timed: the cap, not the steps, paces the learning rate
+    pace = _Pace(cfg.max_train_seconds, learning_rate, plan.planned)
     done = 0  # steps run
-    for epoch in range(epochs):
-        perm = rng.permutation(train_idx)
-        losses = []
-        for step in range(steps if epoch < epochs - 1 else last_steps):
-            idx = np.sort(perm[step * bs : (step + 1) * bs])
-            if len(idx) == 0:
-                continue
-            seed = tf.constant([cfg.seed, epoch * 1_000_003 + step], tf.int32)
-            losses.append(float(train_step(pixels[idx], seed)))
-            done += 1
-            if progress:
-                progress(f"epoch {epoch + 1}/{epochs}", epoch * steps + step + 1, planned)
-            if cap is not None:  # past the cap: end this epoch here, validate, keep the best
-                elapsed = time.perf_counter() - started
-                if timed:
-                    learning_rate.time_share.assign(elapsed / cap if cap > 0 else 1.0)
-                if elapsed >= cap:
-                    timed_out = True
-                    break
-        vl = val_loss()
+    for epoch in range(plan.epochs):
+        losses = _epoch(train_step, pixels, cfg, plan, epoch, rng, pace, progress)
+        done += len(losses)
         history["loss"].append(float(np.mean(losses)))
-        history["val_loss"].append(vl)
-        log.info("epoch %d: loss %.5f val_loss %.5f", epoch + 1, history["loss"][-1], vl)
-        if vl < best:
-            best, best_weights, waited = vl, autoencoder.get_weights(), 0
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                break
-        if timed_out:
+        history["val_loss"].append(val_loss())
+        log.info(
+            "epoch %d: loss %.5f val_loss %.5f",
+            epoch + 1,
+            *(history[k][-1] for k in ("loss", "val_loss")),
+        )
+        if history["val_loss"][-1] < best:
+            best, best_weights, waited = history["val_loss"][-1], autoencoder.get_weights(), 0
+        elif (waited := waited + 1) >= cfg.patience:
             break
-        # the run will not fit the cap at this pace: anneal by time from now on (only then
-        # does the model depend on the machine's speed; otherwise same seed, same model)
-        elapsed = time.perf_counter() - started
-        if cap is not None and isinstance(learning_rate, TimedCosine):
-            timed = timed or elapsed / max(done, 1) * planned > cap
+        if pace.timed_out:
+            break
+        pace.after_epoch(done)
     autoencoder.set_weights(best_weights)
-    if cfg.bn_clean_stats:  # the embedding sees clean images, not masked, augmented views
-        clean_batchnorm_statistics(encoder, pixels, train_idx, bs)
+    return _record(history, plan, best, done, pace)
+
+
+def _epoch(train_step, pixels, cfg, plan: _Plan, epoch: int, rng, pace: _Pace, progress):
+    """One epoch's steps (all, or what the budget leaves of the last) in a new seeded order,
+    until the time cap; returns their losses."""
+    perm, losses = rng.permutation(plan.train_idx), []
+    for step in range(plan.steps_of(epoch)):
+        idx = np.sort(perm[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+        if len(idx) == 0:
+            continue
+        seed = tf.constant([cfg.seed, epoch * 1_000_003 + step], tf.int32)
+        losses.append(float(train_step(pixels[idx], seed)))
+        if progress:
+            progress(
+                f"epoch {epoch + 1}/{plan.epochs}", epoch * plan.steps + step + 1, plan.planned
+            )
+        if pace.after_step():
+            break
+    return losses
+
+
+def _record(history: dict, plan: _Plan, best: float, done: int, pace: _Pace) -> dict:
     run = len(history["val_loss"])
-    history.update(
+    return history | dict(
         best_epoch=int(np.argmin(history["val_loss"])) + 1,
         best_val_loss=float(best),
         epochs_run=run,
-        epochs_planned=epochs,
-        steps_planned=planned,
+        epochs_planned=plan.epochs,
+        steps_planned=plan.planned,
         steps_run=done,
-        stopped_early=run < epochs,
-        time_capped=timed_out,
-        train_images=len(train_idx),
-        val_images=int(n_val),
-        seconds=round(time.perf_counter() - started, 2),
+        stopped_early=run < plan.epochs,
+        time_capped=pace.timed_out,
+        train_images=len(plan.train_idx),
+        val_images=len(plan.val_idx),
+        seconds=pace.seconds(),
     )
-    if progress:  # the bar ends where training ended, saying why
-        progress(stop_reason(history), done, done)
-        progress("whitening", 0, 1)
+
+
+def _finish(
+    encoder, decoder, autoencoder, pixels, plan: _Plan, cfg, history, progress
+) -> TrainResult:
+    """Fit the whitening, draw the preview, export the embedding to ONNX and check it."""
+
+    def stage(name: str, done: int) -> None:
+        if progress:
+            progress(name, done, 1)
+
+    stage("whitening", 0)
     whitening = fit_whitening(Embedder(encoder, None, cfg), pixels, cfg)
-    if progress:
-        progress("whitening", 1, 1)
-    preview_src = pixels[val_idx[:8]]
+    stage("whitening", 1)
+    preview_src = pixels[plan.val_idx[:8]]
     recon = np.asarray(autoencoder(tf.cast(preview_src, tf.float32), training=False))
     if cfg.input_norm != "unit":  # back to [0, 1] with each original's own statistics
         recon = _destandardize(recon, preview_src.astype(np.float32) / 255.0, cfg.input_norm)
-    preview = _preview(preview_src, recon)
-    if progress:
-        progress("export", 0, 1)
+    stage("export", 0)
     portable, check = export_checked(Embedder(encoder, whitening, cfg), pixels, cfg.seed)
-    if progress:
-        progress("export", 1, 1)
-    return TrainResult(encoder, decoder, whitening, history, preview, portable, check)
+    stage("export", 1)
+    return TrainResult(
+        encoder, decoder, whitening, history, _preview(preview_src, recon), portable, check
+    )
 
 
 def clean_batchnorm_statistics(
