@@ -393,12 +393,21 @@ def test_against_lists_files_the_collection_already_has(dup_collection, tmp_path
         (["--json", "--csv", "x.csv"], "alternatives"),
         (["--move-to", "x", "--delete"], "alternatives"),
         (["--yes"], "--yes confirms"),
+        (["--against", "x", "--delete"], "--against only lists matches"),
+        (["--undo", "--yes"], "--undo puts back"),
+        (["--undo", "--move-to", "x"], "--undo puts back"),
+        (["--empty-trash", "--undo"], "--empty-trash empties"),
+        (["--empty-trash", "--html", "x.html"], "--empty-trash empties"),
     ],
 )
-def test_bad_flag_combinations(dup_collection, flags, message):
+def test_bad_flag_combinations(dup_collection, flags, message, tmp_path, monkeypatch):
     _, store, _ = dup_collection
+    before = store_state(store)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # where x, x.csv or x.html would be written
     result = dedupe("--store", store, *flags, ok=False)
     assert result.exit_code == 1 and message in result.output
+    assert store_state(store) == before and not any(Path().iterdir())  # nothing written
 
 
 def test_move_into_the_photos_folder_is_refused(collection):
