@@ -74,82 +74,88 @@ def main_callback(
     )
 
 
+PhotosArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="PHOTOS",
+        help="Folder of photos (walked recursively), or a bucket prefix: s3://BUCKET/PREFIX, "
+        'gs://BUCKET/PREFIX (needs pip install "lookalike\\[s3]" or "lookalike\\[gcs]").',
+    ),
+]
+EpochsOpt = Annotated[
+    int | None, typer.Option(help="Training epochs (default: from the training budget).")
+]
+BatchOpt = Annotated[int | None, typer.Option(help="Training batch size.")]
+ImageSizeOpt = Annotated[
+    int | None, typer.Option(help="Model input side, pixels (multiple of 16).")
+]
+LatentOpt = Annotated[int | None, typer.Option(help="Embedding dimension.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed: same seed, same model.")]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.01,
+        help="Training budget (samples and time cap) as a multiple of the default's, "
+        "e.g. 0.5: quicker, 2: twice the samples and time.",
+    ),
+]
+IndexTypeOpt = Annotated[
+    IndexType,
+    typer.Option(help="flat: exact; ivf: approximate; auto: flat below 200,000 images."),
+]
+RetrainOpt = Annotated[bool, typer.Option(help="Train a new model even if the store has one.")]
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="folders|CSV",
+        help="'folders': each photo's folder name is its label; or a CSV file of path,labels rows.",
+    ),
+]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Embed on a Ray cluster at ADDRESS (e.g. auto, ray://head:10001); bare --ray "
+        'starts a local one. Needs pip install "lookalike\\[ray]".',
+    ),
+]
+RayWorkersOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="Embedding actors with --ray (default: the cluster's CPUs - 1)."),
+]
+PruneOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Allow removing more than half of the stored photos (refused by default: an "
+        "empty or wrong folder must not wipe the store)."
+    ),
+]
+
+
 @app.command()
 def index(
-    photos: Annotated[
-        str,
-        typer.Argument(
-            metavar="PHOTOS",
-            help="Folder of photos (walked recursively), or a bucket prefix: s3://BUCKET/PREFIX, "
-            'gs://BUCKET/PREFIX (needs pip install "lookalike\\[s3]" or "lookalike\\[gcs]").',
-        ),
-    ],
+    photos: PhotosArg,
     store: StoreOpt,
-    epochs: Annotated[
-        int | None, typer.Option(help="Training epochs (default: from the training budget).")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Model input side, pixels (multiple of 16).")
-    ] = None,
-    latent_dim: Annotated[int | None, typer.Option(help="Embedding dimension.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same model.")] = None,
-    train_budget: Annotated[
-        float | None,
-        typer.Option(
-            min=0.01,
-            help="Training budget (samples and time cap) as a multiple of the default's, "
-            "e.g. 0.5: quicker, 2: twice the samples and time.",
-        ),
-    ] = None,
-    index_type: Annotated[
-        IndexType,
-        typer.Option(help="flat: exact; ivf: approximate; auto: flat below 200,000 images."),
-    ] = IndexType.auto,
-    retrain: Annotated[
-        bool, typer.Option(help="Train a new model even if the store has one.")
-    ] = False,
-    labels: Annotated[
-        str | None,
-        typer.Option(
-            metavar="folders|CSV",
-            help="'folders': each photo's folder name is its label; or a CSV file of "
-            "path,labels rows.",
-        ),
-    ] = None,
-    ray: Annotated[
-        str | None,
-        typer.Option(
-            "--ray",
-            metavar="[ADDRESS]",
-            help="Embed on a Ray cluster at ADDRESS (e.g. auto, ray://head:10001); bare --ray "
-            'starts a local one. Needs pip install "lookalike\\[ray]".',
-        ),
-    ] = None,
-    ray_workers: Annotated[
-        int | None,
-        typer.Option(min=1, help="Embedding actors with --ray (default: the cluster's CPUs - 1)."),
-    ] = None,
-    prune: Annotated[
-        bool,
-        typer.Option(
-            help="Allow removing more than half of the stored photos (refused by default: an "
-            "empty or wrong folder must not wipe the store)."
-        ),
-    ] = False,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    image_size: ImageSizeOpt = None,
+    latent_dim: LatentOpt = None,
+    seed: SeedOpt = None,
+    train_budget: BudgetOpt = None,
+    index_type: IndexTypeOpt = IndexType.auto,
+    retrain: RetrainOpt = False,
+    labels: LabelsOpt = None,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    prune: PruneOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the autoencoder if needed, embed new and changed photos, update the index."""
-    from .config import IndexOptions, ModelConfig, RayOptions
+    from .config import IndexOptions, RayOptions
     from .indexer import index_folder
-    from .store import Store, is_trained_store
 
     with errors_to_exit():
-        base = ModelConfig()
-        trained = is_trained_store(store)
-        if trained:
-            with Store.open(store) as st:
-                base = st.model_config()
         overrides = dict(
             epochs=epochs,
             batch_size=batch_size,
@@ -157,15 +163,10 @@ def index(
             embedding_dim=latent_dim,
             seed=seed,
         )
-        model = base.replace(**overrides)
-        if train_budget is not None:
-            model = model.with_budget(train_budget)
+        model = _model_to_train(store, overrides, train_budget, retrain)
         options = IndexOptions(
             index_type=index_type.value, retrain=retrain, labels=labels, prune=prune
         )
-        flags = [*overrides.values(), train_budget]
-        if any(v is not None for v in flags) and trained and not retrain:
-            err.print("note: model flags apply when training; add --retrain to train anew")
         phases = Phases()
         with progress_bar(sys.stderr.isatty() or not as_json, phases) as progress:
             report = index_folder(
@@ -177,9 +178,34 @@ def index(
                 ray=RayOptions(address=ray, workers=ray_workers) if ray is not None else None,
             )
     if as_json:
-        phases = {k: round(v, 3) for k, v in phase_seconds(phases.seconds()).items()}
-        print(json.dumps(report.to_dict() | {"phase_seconds": phases}))
+        phase_s = {k: round(v, 3) for k, v in phase_seconds(phases.seconds()).items()}
+        print(json.dumps(report.to_dict() | {"phase_seconds": phase_s}))
         return
+    _print_index_report(report, phases.seconds())
+
+
+def _model_to_train(store: Path, overrides: dict, train_budget: float | None, retrain: bool):
+    """The ModelConfig a training of this store would use: the store's own (or the default for
+    a new store) with the flags given; a note where the flags cannot apply."""
+    from .config import ModelConfig
+    from .store import Store, is_trained_store
+
+    base = ModelConfig()
+    trained = is_trained_store(store)
+    if trained:
+        with Store.open(store) as st:
+            base = st.model_config()
+    model = base.replace(**overrides)
+    if train_budget is not None:
+        model = model.with_budget(train_budget)
+    flags = [*overrides.values(), train_budget]
+    if any(v is not None for v in flags) and trained and not retrain:
+        err.print("note: model flags apply when training; add --retrain to train anew")
+    return model
+
+
+def _print_index_report(report, seconds: dict[str, float]) -> None:
+    """One line of counts, one of phase times, and the files skipped (on stderr)."""
     out.print(
         f"{report.images} images indexed: {report.added} added, {report.updated} updated, "
         f"{report.removed} removed, {report.unchanged} unchanged"
@@ -187,7 +213,7 @@ def index(
         + (f"; model trained in {report.train_seconds:.1f} s" if report.trained else "")
         + f"; {report.seconds:.1f} s in all"
     )
-    out.print(phase_line(phases.seconds()), highlight=False)
+    out.print(phase_line(seconds), highlight=False)
     if report.failed:
         err.print(f"{len(report.failed)} files skipped:")
         for f in report.failed:
