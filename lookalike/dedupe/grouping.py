@@ -133,11 +133,8 @@ def find_groups(
     links, matches = candidate_pairs(store, t, phash_max, verify, band)
     apart, preferred = reviewed(store)
     links = {p: kind for p, kind in links.items() if p not in apart}
-    nodes = sorted({i for p in links for i in p})
-    with store.lock:
-        records = store.db.get_many(nodes)
-        nodes = [i for i in nodes if i in records]
-        vectors = dict(zip(nodes, store.index.reconstruct(np.array(nodes, np.int64))))
+    records, vectors = _records_and_vectors(store, links)
+    nodes = sorted(vectors)
     quality = (
         {i: measure(store.file_path(records[i].path)) for i in nodes}
         if keep == DEFAULT_KEEP
@@ -150,30 +147,45 @@ def find_groups(
         and p[1] in vectors
         and _witnessed(p, kind, t + band, vectors, records, matches)
     }
-    adjacent: dict[int, list[int]] = {i: [] for i in nodes}
-    for a, b in links:
-        if a in adjacent and b in adjacent:
-            adjacent[a].append(b)
-            adjacent[b].append(a)
     rank = _rank(keep, records, quality, preferred)
     crops = _crops(store, links, records, rank) if keep == DEFAULT_KEEP else set()
     if crops:  # a crop is never kept over the photo it was cut from, however sharp
         rank = _rank(keep, records, quality, preferred, crops)
-    taken: set[int] = set()
     groups = []
-    for center in sorted(nodes, key=rank):
-        if center in taken:
-            continue
-        joined = sorted(j for j in adjacent[center] if j not in taken)
-        if not joined:
-            continue
-        taken.update([center, *joined])
+    for center, joined in _stars(nodes, links, rank):
         group = _group(center, joined, records, vectors, (links, matches), quality, keep, preferred)
         if crops & set(joined):
             group = replace(group, reason=group.reason + "; its crops come after it")
         groups.append(group)
     groups.sort(key=lambda g: min(m.path for m in g.members))
     return groups
+
+
+def _records_and_vectors(store: Store, links: dict) -> tuple[dict, dict]:
+    """The records and stored vectors of the linked photos (one snapshot, under the lock; a
+    photo removed meanwhile has neither)."""
+    nodes = sorted({i for p in links for i in p})
+    with store.lock:
+        records = store.db.get_many(nodes)
+        nodes = [i for i in nodes if i in records]
+        return records, dict(zip(nodes, store.index.reconstruct(np.array(nodes, np.int64))))
+
+
+def _stars(nodes: list[int], links: dict, rank: Callable):
+    """(kept photo, its members): each photo in the keep rule's order that is not yet in a
+    group, with every photo not yet in a group that it has a link with (none: no group)."""
+    adjacent: dict[int, list[int]] = {i: [] for i in nodes}
+    for a, b in links:
+        if a in adjacent and b in adjacent:
+            adjacent[a].append(b)
+            adjacent[b].append(a)
+    taken: set[int] = set()
+    for center in sorted(nodes, key=rank):
+        joined = sorted(j for j in adjacent[center] if j not in taken)
+        if center in taken or not joined:
+            continue
+        taken.update([center, *joined])
+        yield center, joined
 
 
 def _witnessed(pair, kind, band_top, vectors, records, matches) -> bool:
