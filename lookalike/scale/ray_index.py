@@ -234,7 +234,6 @@ def embed_on_ray(
     progress,
 ) -> None:
     """Embed plan.todo on the cluster through shard files, then merge them into the table."""
-    import ray
 
     shards = ShardDir(store.root / "shards", store.model_serial, store.dim)
     # a shard row counts only if its file has the size and mtime the plan saw
@@ -247,63 +246,68 @@ def embed_on_ray(
 
     if todo:
         started = time.perf_counter()
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        n, per_actor, threads = pool_size(cpus, opts.workers)
-        log.info(
-            "ray: %s CPUs, %d embedding actors at %s CPU, %d threads each",
-            cpus,
-            n,
-            per_actor,
-            threads,
-        )
-        committer.report.ray = {
-            "cpus": cpus,
-            "actors": n,
-            "actor_cpus": per_actor,
-            "embedded": todo,
-        }
-        model_ref = ray.put(_model_files(store))
-        rows = max(opts.batch_size, min(BLOCK_ROWS, opts.shard_rows))
-        ds = ray.data.from_arrow_refs(list(_blocks(plan.items(uncovered=True), rows)))
-        ds = ds.map_batches(
-            decode_batch,
-            fn_kwargs={
-                "size": cfg.image_size,
-                "max_pixels": options.max_pixels,
-                "max_bytes": options.max_decode_bytes,
-            },
-            batch_size=opts.batch_size,
-            batch_format="numpy",
-            num_cpus=decode_cpus(per_actor),
-        )
-        ds = ds.map_batches(
-            EmbedActor,
-            fn_constructor_kwargs={"model_ref": [model_ref], "threads": threads},
-            batch_size=opts.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=n),
-            num_cpus=per_actor,
-        )
-        buffer: list[dict[str, np.ndarray]] = []
-        buffered = 0
-        done = resumed
-        nodes = committer.report.ray.setdefault("nodes", {})  # node id -> rows embedded there
-        for batch in ds.iter_batches(batch_size=opts.batch_size, batch_format="numpy"):
-            for node, count in zip(*np.unique(np.asarray(batch["node"]), return_counts=True)):
-                nodes[str(node)] = nodes.get(str(node), 0) + int(count)
-            buffer.append(batch)
-            buffered += len(batch["pos"])
-            done += len(batch["pos"])
-            if buffered >= opts.shard_rows:
-                shards.write(_concat(buffer))
-                buffer, buffered = [], 0
-            progress("embed", done, total)
-        if buffer:
-            shards.write(_concat(buffer))
+        ds = _pipeline(store, plan, committer, cfg, options, opts, todo)
+        _write_shards(ds, shards, committer.report.ray, opts, (resumed, total), progress)
         committer.report.embed_seconds = time.perf_counter() - started
 
     _merge(shards, plan, committer, progress)
     shards.clear()
+
+
+def _pipeline(store, plan, committer, cfg: ModelConfig, options, opts: RayOptions, todo: int):
+    """The Ray Data pipeline of the rows left: blocks of (pos, path, ...) -> decode tasks ->
+    a pool of embedding actors sized to the cluster (recorded in the report)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    n, per_actor, threads = pool_size(cpus, opts.workers)
+    log.info(
+        "ray: %s CPUs, %d embedding actors at %s CPU, %d threads each", cpus, n, per_actor, threads
+    )
+    committer.report.ray = {"cpus": cpus, "actors": n, "actor_cpus": per_actor, "embedded": todo}
+    model_ref = ray.put(_model_files(store))
+    rows = max(opts.batch_size, min(BLOCK_ROWS, opts.shard_rows))
+    ds = ray.data.from_arrow_refs(list(_blocks(plan.items(uncovered=True), rows)))
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={
+            "size": cfg.image_size,
+            "max_pixels": options.max_pixels,
+            "max_bytes": options.max_decode_bytes,
+        },
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        num_cpus=decode_cpus(per_actor),
+    )
+    return ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"model_ref": [model_ref], "threads": threads},
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=n),
+        num_cpus=per_actor,
+    )
+
+
+def _write_shards(ds, shards: ShardDir, report_ray: dict, opts: RayOptions, counts, progress):
+    """Stream the embedded batches into shard files of opts.shard_rows rows, counting the rows
+    each node embedded (report_ray["nodes"]); counts: (rows done before, rows in all)."""
+    done, total = counts
+    buffer: list[dict[str, np.ndarray]] = []
+    buffered = 0
+    nodes = report_ray.setdefault("nodes", {})  # node id -> rows embedded there
+    for batch in ds.iter_batches(batch_size=opts.batch_size, batch_format="numpy"):
+        for node, count in zip(*np.unique(np.asarray(batch["node"]), return_counts=True)):
+            nodes[str(node)] = nodes.get(str(node), 0) + int(count)
+        buffer.append(batch)
+        buffered += len(batch["pos"])
+        done += len(batch["pos"])
+        if buffered >= opts.shard_rows:
+            shards.write(_concat(buffer))
+            buffer, buffered = [], 0
+        progress("embed", done, total)
+    if buffer:
+        shards.write(_concat(buffer))
 
 
 @contextmanager
