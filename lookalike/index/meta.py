@@ -217,51 +217,10 @@ class MetaDB:
         of the upserted rows in order; replacing a path keeps its id. ``before_commit(ids)``
         runs inside the transaction, last: if it raises, nothing is written.
         """
-        ids: list[int] = []
         deletes = [int(i) for i in deletes]
         with self.transaction() as cur:
             _keep_labels(cur, deletes)
-            for rec, vec in upserts:
-                blob = np.ascontiguousarray(vec, dtype="<f4").tobytes()
-                labels = "|".join(rec.labels) if rec.labels else None
-                row = cur.execute("SELECT id FROM images WHERE path = ?", (rec.path,)).fetchone()
-                if row:
-                    cur.execute(
-                        "UPDATE images SET size=?, mtime=?, sha256=?, width=?, height=?,"
-                        " embedding=?, labels=COALESCE(?, labels), model=?, phash=? WHERE id=?",
-                        (
-                            rec.size,
-                            rec.mtime,
-                            rec.sha256,
-                            rec.width,
-                            rec.height,
-                            blob,
-                            labels,
-                            model,
-                            rec.phash,
-                            row[0],
-                        ),
-                    )
-                    ids.append(row[0])
-                else:
-                    labels = labels or _restored_labels(cur, rec.sha256)
-                    cur.execute(
-                        "INSERT INTO images (path, size, mtime, sha256, width, height, embedding,"
-                        " labels, model, phash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            rec.path,
-                            rec.size,
-                            rec.mtime,
-                            rec.sha256,
-                            rec.width,
-                            rec.height,
-                            blob,
-                            labels,
-                            model,
-                            rec.phash,
-                        ),
-                    )
-                    ids.append(cur.lastrowid)
+            ids = [_upsert(cur, rec, vec, model) for rec, vec in upserts]
             cur.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in deletes])
             cur.executemany(
                 "UPDATE images SET mtime = ?, size = ? WHERE id = ?",
@@ -513,6 +472,43 @@ def _keep_labels(cur: sqlite3.Cursor, ids: list[int]) -> None:
             f" WHERE id IN ({marks}) AND labels IS NOT NULL",
             (time.time(), *chunk),
         )
+
+
+_WRITTEN = "path, size, mtime, sha256, width, height, embedding, labels, model, phash"
+_UPDATE = (
+    "UPDATE images SET size=:size, mtime=:mtime, sha256=:sha256, width=:width, height=:height,"
+    " embedding=:embedding, labels=COALESCE(:labels, labels), model=:model, phash=:phash"
+    " WHERE id=:id"
+)
+_INSERT = (
+    f"INSERT INTO images ({_WRITTEN}) VALUES"
+    " (:path, :size, :mtime, :sha256, :width, :height, :embedding, :labels, :model, :phash)"
+)
+
+
+def _upsert(cur: sqlite3.Cursor, rec: ImageRecord, vec: np.ndarray, model: int) -> int:
+    """Insert or replace one row by path; returns its id. Replacing keeps the id, and the
+    labels unless the record brings some; a new row gets the labels a removed row of the
+    same bytes left (``_restored_labels``)."""
+    values = {
+        "path": rec.path,
+        "size": rec.size,
+        "mtime": rec.mtime,
+        "sha256": rec.sha256,
+        "width": rec.width,
+        "height": rec.height,
+        "embedding": np.ascontiguousarray(vec, dtype="<f4").tobytes(),
+        "labels": "|".join(rec.labels) if rec.labels else None,
+        "model": model,
+        "phash": rec.phash,
+    }
+    row = cur.execute("SELECT id FROM images WHERE path = ?", (rec.path,)).fetchone()
+    if row:
+        cur.execute(_UPDATE, values | {"id": row[0]})
+        return row[0]
+    values["labels"] = values["labels"] or _restored_labels(cur, rec.sha256)
+    cur.execute(_INSERT, values)
+    return cur.lastrowid
 
 
 def _restored_labels(cur: sqlite3.Cursor, sha256: str) -> str | None:
