@@ -370,11 +370,26 @@ def _update(store, photos, listing, options, progress, report, ray, failed, deco
     calibrate a new model; ``decoded``: the training sample, decoded already."""
     cfg = store.model_config()
     plan = plan_changes(store, photos, listing, report)
-
     index = None
-    requested = options.index_type
     if not report.trained and store.info.get("embedding_dim"):
         index = store.index  # loaded, or rebuilt if a previous run was interrupted
+    _remove(store, plan, index, report)
+    committer = Committer(store, index, report)
+    committer.failed.update(failed)
+    embedder = None
+    if ray is not None:
+        index = _embed_on_ray(store, photos, plan, committer, cfg, options, ray, progress, index)
+    else:
+        known = _unchanged(decoded, photos) if decoded else None
+        embedder = _embed_here(store, photos, plan, committer, cfg, options, progress, known)
+    report.images = _save_index(store, index, options.index_type, progress)
+    report.failed = sorted(committer.failed.values(), key=lambda f: str(f.path))
+    if report.images:
+        _calibrate_new_model(store, photos, embedder, progress)
+
+
+def _remove(store, plan, index, report) -> None:
+    """The rows of removed files out of the table, their thumbnails and the index."""
     if len(plan.removed_ids):
         store.db.write(deletes=plan.removed_ids)
         report.removed = len(plan.removed_ids)
@@ -382,51 +397,53 @@ def _update(store, photos, listing, options, progress, report, ray, failed, deco
         if index is not None:
             with store.lock:
                 index.remove(plan.removed_ids)
-    committer = Committer(store, index, report)
-    committer.failed.update(failed)
-    embedder = None
-    if ray is not None:
-        from .scale.ray_index import build_ivf_on_ray, embed_on_ray, ray_session
 
-        with ray_session(ray):
-            report.ray = {}
-            embed_on_ray(store, photos, plan, committer, cfg, options, ray, progress)
-            count = len(store.db)
-            kind = resolve_index_type(requested, count)
-            if kind == "ivf" and (index is None or index.index_type != "ivf"):
-                report.index = build_ivf_on_ray(store, requested, ray, progress)
-                index = store.index
-    else:
-        known = _unchanged(decoded, photos) if decoded else None
-        embedder = _embed_here(store, photos, plan, committer, cfg, options, progress, known)
 
+def _embed_on_ray(store, photos, plan, committer, cfg, options, ray, progress, index):
+    """Embed on the Ray cluster; an IVF index is filled there too. Returns the index to keep."""
+    from .scale.ray_index import build_ivf_on_ray, embed_on_ray, ray_session
+
+    with ray_session(ray):
+        committer.report.ray = {}
+        embed_on_ray(store, photos, plan, committer, cfg, options, ray, progress)
+        kind = resolve_index_type(options.index_type, len(store.db))
+        if kind == "ivf" and (index is None or index.index_type != "ivf"):
+            committer.report.index = build_ivf_on_ray(store, options.index_type, ray, progress)
+            index = store.index
+    return index
+
+
+def _save_index(store, index, requested: str, progress) -> int:
+    """Rebuild the index where its kind must change, else save it; returns the row count."""
     count = len(store.db)
-    kind = resolve_index_type(requested, count)
     progress("index", 0, 1)
-    if index is None or index.index_type != kind:
+    if index is None or index.index_type != resolve_index_type(requested, count):
         store.rebuild_index(requested)
     else:
         store.update_state({"index_type_requested": requested})
         store.save_index()
     progress("index", 1, 1)
-    report.images = count
-    report.failed = sorted(committer.failed.values(), key=lambda f: str(f.path))
-    calibration = store.info.get("dedupe_calibration") or {}
-    if count and calibration.get("model_serial") != store.model_serial:
-        # the cosine scale of duplicates is the model's: measure it for every new model (also
-        # when the run that trained it was cut off before calibrating)
-        from .dedupe.calibration import calibrate_store
+    return count
 
-        progress("calibrate", 0, 1)
-        try:
-            calibrate_store(store, embedder or store.load_embedder())
-        except OSError as exc:
-            if not isinstance(photos, BucketPhotos):
-                raise
-            # a bucket that cannot be read now: the index is complete and searchable, and
-            # dedupe measures its threshold on its first run
-            log.warning("dedupe threshold not measured for %s: %s", photos.root, exc)
-        progress("calibrate", 1, 1)
+
+def _calibrate_new_model(store, photos, embedder, progress) -> None:
+    """Measure the dedupe threshold for every new model (also when the run that trained it was
+    cut off before calibrating): the cosine scale of duplicates is the model's."""
+    calibration = store.info.get("dedupe_calibration") or {}
+    if calibration.get("model_serial") == store.model_serial:
+        return
+    from .dedupe.calibration import calibrate_store
+
+    progress("calibrate", 0, 1)
+    try:
+        calibrate_store(store, embedder or store.load_embedder())
+    except OSError as exc:
+        if not isinstance(photos, BucketPhotos):
+            raise
+        # a bucket that cannot be read now: the index is complete and searchable, and
+        # dedupe measures its threshold on its first run
+        log.warning("dedupe threshold not measured for %s: %s", photos.root, exc)
+    progress("calibrate", 1, 1)
 
 
 def _embed_here(store, photos, plan, committer, cfg, options, progress, known=None):
