@@ -68,6 +68,31 @@ def retrieval_scores(
     }
 
 
+def _queries(label_sets: list[frozenset], photos: Path, labels_csv: Path | None) -> np.ndarray:
+    """The rows with a label (they query the others); none is an error that says why."""
+    queries = np.array([i for i, s in enumerate(label_sets) if s], np.int64)
+    if len(queries) == 0 and labels_csv is not None:
+        raise InvalidArgumentError(
+            f"no image of the store has a label in {labels_csv}: check that its path "
+            "column holds paths relative to PHOTOS"
+        )
+    if len(queries) == 0:
+        raise InvalidArgumentError(
+            f"no labelled images in {photos}: expected one sub-folder per label, "
+            "PHOTOS/<label>/<file>"
+        )
+    return queries
+
+
+def _vote_notes(k: int) -> list[str]:
+    return [
+        f"knn_top1/knn_top3: majority vote of the {k} neighbours' labels, ties broken "
+        "by summed similarity, then label name",
+        f"map@{k}: sum of precision at each relevant rank <= {k}, over min({k}, "
+        "relevant images of the query)",
+    ]
+
+
 def evaluate_retrieval(
     photos: Path,
     store: Path | None = None,
@@ -95,17 +120,7 @@ def evaluate_retrieval(
             label_sets = [frozenset([lab] if lab is not None else ()) for lab in labels]
         else:
             label_sets = [frozenset(csv_labels.get(p, ())) for p in coll.paths]
-        queries = np.array([i for i, s in enumerate(label_sets) if s], np.int64)
-        if len(queries) == 0 and csv_labels is not None:
-            raise InvalidArgumentError(
-                f"no image of the store has a label in {labels_csv}: check that its path "
-                "column holds paths relative to PHOTOS"
-            )
-        if len(queries) == 0:
-            raise InvalidArgumentError(
-                f"no labelled images in {photos}: expected one sub-folder per label, "
-                "PHOTOS/<label>/<file>"
-            )
+        queries = _queries(label_sets, photos, labels_csv)
         methods = {}
         for ranker in all_rankers(engine, coll, timings):
             t0 = time.perf_counter()
@@ -123,18 +138,7 @@ def evaluate_retrieval(
         labels=dict(sorted(Counter(lab for s in label_sets for lab in s).items())),
         labels_source=str(Path(labels_csv).resolve()) if labels_csv is not None else "folders",
         methods=methods,
-        notes=NOTES
-        + (
-            []
-            if csv_labels is not None
-            else [
-                f"knn_top1/knn_top3: majority vote of the {k} neighbours' labels, ties broken "
-                "by summed similarity, then label name",
-                f"map@{k}: sum of precision at each relevant rank <= {k}, over min({k}, "
-                "relevant images of the query)",
-            ]
-        )
-        + LABEL_NOTES,
+        notes=NOTES + ([] if csv_labels is not None else _vote_notes(k)) + LABEL_NOTES,
         seconds=timings,
     )
     return finish_report(report, started)

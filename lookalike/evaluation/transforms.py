@@ -123,6 +123,32 @@ def _store_with_model(src: Path, dst: Path, photos: Path) -> None:
         target.update_state({"photos_root": str(Path(photos).resolve())})
 
 
+RECALL_NOTE = (
+    "recall@1: share of transformed copies (each a query, itself excluded) whose nearest "
+    "image is their original; the other copies of the same photo are left out of its "
+    "ranking (as in Copydays), copies of other photos stay; when t images tie for "
+    "nearest and the original is one of them, the copy scores 1/t"
+)
+
+
+def _photo_files(photos: Path, store: Path | None, sample: int) -> list[Path]:
+    """The images of PHOTOS (those inside the store's folder left out); a clear error for a
+    missing folder, a sample under 1 or fewer than 2 photos."""
+    if not photos.is_dir():
+        raise InvalidArgumentError(f"photos folder not found: {photos}")
+    if sample < 1:
+        raise InvalidArgumentError(f"sample must be at least 1, got {sample}")
+    skip_root = Path(store).expanduser().resolve() if store is not None else None
+    files = [
+        p
+        for p in find_images(photos)
+        if skip_root is None or not p.resolve().is_relative_to(skip_root)
+    ]
+    if len(files) < 2:
+        raise InvalidArgumentError(f"need at least 2 photos in {photos}, found {len(files)}")
+    return files
+
+
 def evaluate_transforms(
     photos: Path,
     store: Path | None = None,
@@ -140,18 +166,7 @@ def evaluate_transforms(
 
     started = time.perf_counter()
     photos = Path(photos).expanduser().resolve()
-    if not photos.is_dir():
-        raise InvalidArgumentError(f"photos folder not found: {photos}")
-    if sample < 1:
-        raise InvalidArgumentError(f"sample must be at least 1, got {sample}")
-    skip_root = Path(store).expanduser().resolve() if store is not None else None
-    files = [
-        p
-        for p in find_images(photos)
-        if skip_root is None or not p.resolve().is_relative_to(skip_root)
-    ]
-    if len(files) < 2:
-        raise InvalidArgumentError(f"need at least 2 photos in {photos}, found {len(files)}")
+    files = _photo_files(photos, store, sample)
     report: dict[str, Any] = {"task": "transforms", "photos": str(photos), "seed": seed}
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
@@ -183,13 +198,7 @@ def evaluate_transforms(
         skipped=skipped,
         transforms=list(TRANSFORMS),
         methods=methods,
-        notes=NOTES
-        + [
-            "recall@1: share of transformed copies (each a query, itself excluded) whose nearest "
-            "image is their original; the other copies of the same photo are left out of its "
-            "ranking (as in Copydays), copies of other photos stay; when t images tie for "
-            "nearest and the original is one of them, the copy scores 1/t"
-        ],
+        notes=[*NOTES, RECALL_NOTE],
         seconds=timings,
     )
     return finish_report(report, started)
