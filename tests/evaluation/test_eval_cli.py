@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY, make_photo  # noqa: E402
 from typer.testing import CliRunner
@@ -147,6 +148,26 @@ def test_neardup_table_and_flag_errors(neardup_set, photos_dir, tiny_store):
     result = runner.invoke(app, ["eval", "retrieval", str(photos_dir), "--store", str(tiny_store)])
     assert result.exit_code == 0, result.output
     assert "lookalike" in result.stdout and "raw_pixels" in result.stdout
+
+
+def test_transforms_refuse_bad_input_in_one_line(tmp_path):
+    from lookalike.errors import InvalidArgumentError
+    from lookalike.evaluation.transforms import evaluate_transforms
+
+    rng = np.random.default_rng(0)
+    for name, count in (("one", 1), ("two", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            make_photo(rng).save(tmp_path / name / f"{i}.png")
+    for folder, message in (("nope", "photos folder not found"), ("one", "need at least 2")):
+        result = CliRunner().invoke(
+            app, ["eval", "neardup", "--transforms", str(tmp_path / folder)]
+        )
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    with pytest.raises(InvalidArgumentError, match="sample must be at least 1"):
+        evaluate_transforms(tmp_path / "two", sample=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # nothing written
 
 
 # -- benchmark scripts, smoke configuration ---------------------------------------------------
