@@ -136,6 +136,16 @@ def _dedupe_links(store: Store, coll: Collection) -> tuple[np.ndarray, str]:
     return np.array(links, np.int64).reshape(-1, 2), what
 
 
+def _keep_best(candidates: dict[tuple[int, int], float], rows) -> None:
+    """Add (query, neighbours, scores) rows to candidates, each pair once (smaller id first)
+    at its best score; a neighbour below 0 is none."""
+    for q, row, srow in rows:
+        for j, s in zip(np.asarray(row).tolist(), np.asarray(srow).tolist()):
+            if j >= 0:
+                key = (min(int(q), int(j)), max(int(q), int(j)))
+                candidates[key] = max(s, candidates.get(key, -np.inf))
+
+
 def neardup_scores(
     ranker,
     groups: list[str | None],
@@ -164,11 +174,7 @@ def neardup_scores(
     for chunk in query_chunks(everyone):
         need = depth if is_member[chunk].any() else PAIR_CANDIDATES
         idx, scores = ranker.neighbours(chunk, max(need, PAIR_CANDIDATES))
-        for q, row, srow in zip(chunk, idx[:, :PAIR_CANDIDATES], scores[:, :PAIR_CANDIDATES]):
-            for j, s in zip(row.tolist(), srow.tolist()):
-                if j >= 0:
-                    key = (min(int(q), j), max(int(q), j))
-                    candidates[key] = max(s, candidates.get(key, -np.inf))
+        _keep_best(candidates, zip(chunk, idx[:, :PAIR_CANDIDATES], scores[:, :PAIR_CANDIDATES]))
         sel = is_member[chunk]
         if not sel.any():
             continue
@@ -180,9 +186,8 @@ def neardup_scores(
     n_true = sum(s * (s - 1) // 2 for s in sizes.values() if s > 1)
     r_at_p, threshold = _sweep(candidates, links, group_id[:-1], n_true)
     n_candidates = len(candidates)
-    for a, b, score in evidence if evidence is not None else ():
-        key = (min(int(a), int(b)), max(int(a), int(b)))
-        candidates[key] = max(score, candidates.get(key, -np.inf))
+    if evidence is not None:
+        _keep_best(candidates, ((a, [b], [score]) for a, b, score in evidence))
     r_dedupe, t_dedupe = _sweep(candidates, links, group_id[:-1], n_true)
     n = len(members)
     out = {
