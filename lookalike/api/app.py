@@ -130,6 +130,20 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+def _open_engine(settings: Settings):
+    """The engine of settings.store, with the service's limits (the model loaded once)."""
+    from ..engine import Engine
+
+    if settings.store is None:
+        raise RuntimeError("no store configured: set LOOKALIKE_STORE or pass --store")
+    return Engine.open(
+        settings.store,
+        max_pixels=settings.max_image_pixels,
+        write_timeout=settings.write_timeout,
+        max_decode_bytes=settings.max_decode_bytes,
+    )
+
+
 def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     """The app. Without an engine, the lifespan opens settings.store (loading the model once)."""
     settings = settings or get_settings()
@@ -137,19 +151,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         own = engine is None
-        if own:
-            from ..engine import Engine
-
-            if settings.store is None:
-                raise RuntimeError("no store configured: set LOOKALIKE_STORE or pass --store")
-            app.state.engine = Engine.open(
-                settings.store,
-                max_pixels=settings.max_image_pixels,
-                write_timeout=settings.write_timeout,
-                max_decode_bytes=settings.max_decode_bytes,
-            )
-        else:
-            app.state.engine = engine
+        app.state.engine = _open_engine(settings) if own else engine
         log.info(
             "serving %s (%d images)", app.state.engine.store.root, len(app.state.engine.store.db)
         )
