@@ -523,7 +523,11 @@ def serve(
         with Store.open(store) as st:
             st.model_config()  # fail fast, with one clear line, on a bad store
     os.environ["LOOKALIKE_STORE"] = str(store)
-    err.print(f"lookalike: serving {store} on http://{host}:{port}/ (API docs at /docs)")
+    err.print(
+        f"lookalike: serving {store} on http://{host}:{port}/ (API docs at /docs)",
+        highlight=False,
+        markup=False,
+    )
     uvicorn.run(
         "lookalike.api.app:app_from_env",
         factory=True,

@@ -227,6 +227,11 @@ def _print_json(st, groups: list, t: float, phash: int | None, actions, report) 
     print(json.dumps(data))
 
 
+def _say(line: str) -> None:
+    """One line as it is: a path is never broken across lines, nor its [brackets] read as style."""
+    out.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
 def _dedupe_undo(st, as_json: bool) -> None:
     """`dedupe --undo`: put back the last clean-up and say what came back."""
     from .actions import undo
@@ -236,7 +241,7 @@ def _dedupe_undo(st, as_json: bool) -> None:
         print(json.dumps(done.to_dict()))
         return
     for p in done.restored:
-        out.print(f"put back {p}", highlight=False, markup=False, soft_wrap=True)
+        _say(f"put back {p}")
     for p, why in done.failed:
         err.print(f"not put back {p}: {why}", highlight=False, markup=False)
     out.print(
@@ -253,14 +258,15 @@ def _dedupe_empty_trash(st, yes: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report.to_dict()))
         return
+
     size = f"{report.files} files, {report.bytes / 1e6:.1f} MB in {len(report.runs)} clean-ups"
     if report.emptied:
-        out.print(f"emptied the trash of {st.root}: {size} deleted for good")
+        _say(f"emptied the trash of {st.root}: {size} deleted for good")
     elif report.files:
-        out.print(f"the trash of {st.root} holds {size}")
-        out.print("dry run: nothing deleted; add --yes to delete them for good (no undo)")
+        _say(f"the trash of {st.root} holds {size}")
+        _say("dry run: nothing deleted; add --yes to delete them for good (no undo)")
     else:
-        out.print(f"the trash of {st.root} is empty")
+        _say(f"the trash of {st.root} is empty")
 
 
 def _dedupe_against(st, against: Path, t: float, phash: int | None, as_json: bool) -> None:
@@ -276,7 +282,7 @@ def _dedupe_against(st, against: Path, t: float, phash: int | None, as_json: boo
         best = ", ".join(
             f"{p} ({s:.4f}{', a crop of this file' if p in k.crops else ''})" for p, s in k.matches
         )
-        out.print(f"{k.path}  ->  {best}", highlight=False, markup=False, soft_wrap=True)
+        _say(f"{k.path}  ->  {best}")
     out.print(
         f"{len(known.known)} of {known.checked} files already have a near-duplicate "
         f"(threshold {t:.4f})"
@@ -321,28 +327,25 @@ def _print_actions(st, actions: list, report) -> None:
     """What a run did (report) or, in a dry run, what it would do."""
     from .actions import preview
 
-    def say(line: str) -> None:
-        out.print(line, highlight=False, markup=False, soft_wrap=True)
-
     if report is not None:
         for o in report.outcomes:
             verb = "deleted (to the trash)" if o.action.trash and o.status == "moved" else o.status
             where = f" -> {o.to}" if o.to else (f": {o.reason}" if o.reason else "")
-            say(f"{verb} {o.action.path}{where}")
+            _say(f"{verb} {o.action.path}{where}")
         if report.skipped:
             err.print(f"{len(report.skipped)} files skipped (listed above)")
         if any(a.trash for a in actions):
-            say(
+            _say(
                 "deleted photos are in the store's trash: `--undo` puts them back, "
                 "`--empty-trash --yes` frees the space"
             )
         return
     for a in actions:
         dest = preview(st, a)
-        say(
+        _say(
             f"would delete {a.path} (to the trash: {dest})"
             if a.trash
             else f"would move {a.path} -> {dest}"
         )
     if actions:
-        say("dry run: nothing changed; add --yes to do it")
+        _say("dry run: nothing changed; add --yes to do it")

@@ -515,3 +515,11 @@ def test_against_finds_a_file_by_its_phash(dup_collection, tmp_path):
         assert known.path == "resaved.jpg" and known.matches[0][0] == photo_name(2)
         assert known.matches[0][1] < 1.0  # the score is still the cosine
         assert find_known(engine, incoming, 1.0, phash_max=None).known == []
+
+
+def test_lines_with_paths_are_printed_as_they_are(capsys):
+    from lookalike.dedupe.cli import _say
+
+    line = "the trash of /photos/[red]2019[/red]/" + "x" * 100 + "/store holds 5 files, 0.0 MB"
+    _say(line)  # no fold at the console's width, no [markup] read as style
+    assert capsys.readouterr().out == line + "\n"
