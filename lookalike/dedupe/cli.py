@@ -244,7 +244,7 @@ def _dedupe_undo(st, as_json: bool) -> None:
         _say(f"put back {p}")
     for p, why in done.failed:
         err.print(f"not put back {p}: {why}", highlight=False, markup=False)
-    out.print(
+    _say(
         f"{len(done.restored)} files put back, {done.rows} rows restored "
         f"(run `lookalike index` for any row of an older model)"
     )
@@ -283,13 +283,13 @@ def _dedupe_against(st, against: Path, t: float, phash: int | None, as_json: boo
             f"{p} ({s:.4f}{', a crop of this file' if p in k.crops else ''})" for p, s in k.matches
         )
         _say(f"{k.path}  ->  {best}")
-    out.print(
+    _say(
         f"{len(known.known)} of {known.checked} files already have a near-duplicate "
         f"(threshold {t:.4f})"
     )
     partial = sum(k.only_crops for k in known.known)
     if partial:
-        out.print(f"{partial} of them the collection has only as crops: keep those files")
+        _say(f"{partial} of them the collection has only as crops: keep those files")
     for f in known.failed:
         err.print(f"  {f.path}: {f.error}", highlight=False, markup=False)
 
@@ -308,19 +308,14 @@ def _actions_json(st, actions: list, applied: bool) -> list[dict]:
 def _print_groups(groups: list, t: float, phash: int | None) -> None:
     """The groups, one line a member, the kept one marked."""
     for number, g in enumerate(groups, 1):
-        out.print(f"group {number} (kept: {g.reason})", style="bold", markup=False)
+        out.print(f"group {number} (kept: {g.reason})", style="bold", markup=False, soft_wrap=True)
         for m in g.members:
             mark = "keep" if m.id == g.keep.id else "    "
             link = "" if m.id == g.keep.id else f" [{m.link}]"
-            out.print(
-                f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}{link}",
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
+            _say(f"  {mark} {m.score:.4f} {m.width}x{m.height} {m.bytes:>10,} B  {m.path}{link}")
     spare = sum(len(g.others) for g in groups)
     rule = f"threshold {t:.4f}" + (f", pHash distance <= {phash}" if phash is not None else "")
-    out.print(f"{len(groups)} groups, {spare} photos besides the kept ones ({rule})")
+    _say(f"{len(groups)} groups, {spare} photos besides the kept ones ({rule})")
 
 
 def _print_actions(st, actions: list, report) -> None:
