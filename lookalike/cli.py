@@ -211,9 +211,10 @@ def _print_index_report(report, seconds: dict[str, float]) -> None:
         f"{report.removed} removed, {report.unchanged} unchanged"
         + (f" ({report.reembedded} re-embedded)" if report.reembedded else "")
         + (f"; model trained in {report.train_seconds:.1f} s" if report.trained else "")
-        + f"; {report.seconds:.1f} s in all"
+        + f"; {report.seconds:.1f} s in all",
+        soft_wrap=True,  # one line, as scripts that read it expect
     )
-    out.print(phase_line(seconds), highlight=False)
+    out.print(phase_line(seconds), highlight=False, soft_wrap=True)
     if report.failed:
         err.print(f"{len(report.failed)} files skipped:")
         for f in report.failed:
@@ -497,7 +498,7 @@ def labels_show(store: StoreOpt, as_json: JsonOpt = False) -> None:
         print(json.dumps({"labels": dict(sorted(counts.items())), "unlabelled": unlabelled}))
         return
     for label, n in sorted(counts.items()):
-        out.print(f"{n:>8}  {label}", highlight=False, markup=False)
+        out.print(f"{n:>8}  {label}", highlight=False, markup=False, soft_wrap=True)
     out.print(f"{unlabelled:>8}  (no label)", highlight=False, markup=False)
 
 
