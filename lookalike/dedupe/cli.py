@@ -207,12 +207,14 @@ def _finish_interrupted(st, yes: bool, removes: bool) -> None:
 def _calibrated(st) -> float:
     """The store's dedupe threshold, measured once per model."""
     from .calibration import calibrate_store
-    from .grouping import calibrated_threshold
+    from .thresholds import calibrated_threshold, capped_note
 
     t = calibrated_threshold(st)
     if t is None:
         err.print("measuring this store's dedupe threshold (once per model)...")
         t = calibrate_store(st).threshold
+    if t >= 1.0:  # safe, and it finds less: say why and what the user can do
+        err.print(capped_note(st.info.get("dedupe_calibration") or {}), markup=False)
     return t
 
 

@@ -38,6 +38,7 @@ from .thresholds import (  # noqa: F401  (re-exported: the CLI, the API and test
     FALLBACK_THRESHOLD,
     PHASH_COS_FLOOR,
     calibrated_threshold,
+    capped_note,
     default_threshold,
     phash_floor,
 )
@@ -322,4 +323,6 @@ def duplicates(
     page = groups[offset : None if limit is None else offset + limit]
     out = groups_to_dict(page, t, phash_max)
     out.update(total=len(groups), offset=offset)
+    if threshold is None and t >= 1.0:  # why so few: the page shows it
+        out["note"] = capped_note(store.info.get("dedupe_calibration") or {})
     return out

@@ -28,6 +28,23 @@ def calibrated_threshold(store: Store) -> float | None:
     return None
 
 
+def capped_note(calibration: dict) -> str:
+    """Why the calibrated threshold is 1.0 and what that leaves (cosine alone joins nothing)."""
+    q = calibration.get("impostor_quantile")
+    seen = (
+        f": 10 % of photos without a verified copy have a nearest neighbour at cosine {q:.3f} "
+        "or more"
+        if q
+        else ""
+    )
+    return (
+        f"note: the calibrated threshold is 1.0, because this collection's photos look alike to "
+        f"its model{seen}. Only exact copies, close perceptual hashes and matching local "
+        "features group photos; a lower --threshold finds more, at the risk of grouping "
+        "different photos: review them (--html) before moving any."
+    )
+
+
 def default_threshold(store: Store) -> float:
     """The store's calibrated threshold for its current model, else FALLBACK_THRESHOLD."""
     t = calibrated_threshold(store)

@@ -87,3 +87,20 @@ def test_move_is_off_without_a_folder(dup_store):
         ids = [m["id"] for m in groups[0]["members"]]
         r = c.post("/duplicates/move", json={"keep": ids[0], "others": ids[1:]})
         assert r.status_code == 422 and "LOOKALIKE_DEDUPE_MOVE_TO" in r.json()["detail"]
+
+
+def test_a_threshold_capped_at_one_comes_with_a_note(dup_store, tmp_path):
+    from lookalike.store import Store
+
+    photos, store = copy_store(*dup_store, tmp_path)
+    with TestClient(create_app(Settings(store=store))) as client:
+        assert "note" not in client.get("/duplicates").json()
+    with Store.open(store, photos=photos) as st:
+        st.info["dedupe_threshold"] = 1.0
+        st.info["dedupe_calibration"] |= {"threshold": 1.0, "impostor_quantile": 0.95}
+        st.save_info()
+    with TestClient(create_app(Settings(store=store))) as client:
+        data = client.get("/duplicates").json()
+        assert data["threshold"] == 1.0 and "cosine 0.950" in data["note"]
+        assert data["total"] >= 2  # the exact copies still group
+        assert "note" not in client.get("/duplicates?threshold=0.99").json()  # asked for

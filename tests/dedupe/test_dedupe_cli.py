@@ -523,3 +523,15 @@ def test_lines_with_paths_are_printed_as_they_are(capsys):
     line = "the trash of /photos/[red]2019[/red]/" + "x" * 100 + "/store holds 5 files, 0.0 MB"
     _say(line)  # no fold at the console's width, no [markup] read as style
     assert capsys.readouterr().out == line + "\n"
+
+
+def test_a_threshold_capped_at_one_is_explained(collection):
+    _, store, _ = collection
+    assert "calibrated threshold is 1.0" not in dedupe("--store", store).stderr
+    with Store.open(store) as st:
+        st.info["dedupe_threshold"] = 1.0
+        st.info["dedupe_calibration"] |= {"threshold": 1.0, "impostor_quantile": 0.943}
+        st.save_info()
+    result = dedupe("--store", store, "--json")
+    assert "calibrated threshold is 1.0" in result.stderr and "cosine 0.943" in result.stderr
+    assert json.loads(result.stdout)["threshold"] == 1.0  # the JSON stays clean
