@@ -119,3 +119,18 @@ def test_review_keep_another_not_duplicates_move_and_undo(server, browser, plant
     assert (photos / gone).is_file() and not (moved / gone).exists()
     page.wait_for_function("document.querySelectorAll('.group').length === 2", timeout=TIMEOUT_MS)
     assert errors == []
+
+
+def test_a_threshold_capped_at_one_is_explained_on_the_page(browser, serve, planted):
+    from lookalike.store import Store
+
+    _, store, _ = planted
+    with Store.open(store) as st:  # as calibrated on a collection that looks alike to its model
+        st.info["dedupe_threshold"] = 1.0
+        st.info["dedupe_calibration"] |= {"threshold": 1.0, "impostor_quantile": 0.95}
+        st.save_info()
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(serve(store) + "/review")
+    wait_status(page, "3 groups at threshold 1")  # the exact copies still group
+    note = page.locator(".note").inner_text()
+    assert "calibrated threshold is 1.0" in note and "cosine 0.950" in note
