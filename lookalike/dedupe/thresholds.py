@@ -40,8 +40,8 @@ def capped_note(calibration: dict) -> str:
     return (
         f"note: the calibrated threshold is 1.0, because this collection's photos look alike to "
         f"its model{seen}. Only exact copies, close perceptual hashes and matching local "
-        "features group photos; a lower --threshold finds more, at the risk of grouping "
-        "different photos: review them (--html) before moving any."
+        "features group photos; a lower threshold (--threshold, or ?threshold= over HTTP) finds "
+        "more, at the risk of grouping different photos: review them before moving any."
     )
 
 
