@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from ..cli_common import CONTEXT, JsonOpt, errors_to_exit, fail, out, progress_bar
@@ -119,9 +120,10 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     out.print(
         ", ".join(f"{k} {v}" for k, v in facts.items()) + f"; {report['seconds']['total']:.1f} s",
         highlight=False,
+        soft_wrap=True,
     )
     for note in report.get("notes", []):
-        out.print(f"[dim]note: {note}[/dim]", highlight=False)
+        out.print(f"[dim]note: {escape(note)}[/dim]", highlight=False)
 
 
 @eval_app.command()
