@@ -220,25 +220,54 @@ def _crops(store: Store, links: dict, records: dict, rank: Callable) -> set[int]
     """The photos that the keep rule ranks before a linked photo whose frame holds theirs (a
     crop of it: verification.cropped_from). Checked where the frames differ: the photo ranked
     first has fewer pixels or another aspect ratio (a re-encode or a resize of the same frame
-    needs no geometry). Verdicts are held by content for the process (the service's pages)."""
-    from .verification import WORKERS, cropped_from, features
-
+    needs no geometry). Verdicts are kept by content: for the process (the service's pages)
+    and in the store's pair cache (the next run)."""
     ordered = [(a, b) if rank(a) < rank(b) else (b, a) for a, b in links]
     pairs = [
         (first, other) for first, other in ordered if _frames_differ(records[first], records[other])
     ]
     key = {p: (records[p[0]].sha256, records[p[1]].sha256) for p in pairs}
-    verdicts = {p: _CROP_VERDICTS.get(key[p]) for p in pairs}
-    todo = [p for p, crop in verdicts.items() if crop is None]
-    ids = sorted({i for pair in todo for i in pair})
+    verdicts = _known_verdicts(store, set(key.values()))
+    todo = sorted(set(key.values()) - verdicts.keys())
+    if todo:
+        paths = {r.sha256: r.path for r in sorted(records.values(), key=lambda r: -r.id)}
+        verdicts.update(_new_verdicts(store, todo, paths))
+    return {first for (first, _), k in key.items() if verdicts[k]}
+
+
+def _known_verdicts(store: Store, keys: set[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+    """The verdicts of these (crop, photo) contents this process or the store's cache has."""
+    from .verification import CROP_VERSION
+
+    known = {k: _CROP_VERDICTS[k] for k in keys if k in _CROP_VERDICTS}
+    rest = sorted(keys - known.keys())
+    stored = {k: bool(v) for k, v in store.db.verified_inliers(rest, CROP_VERSION).items()}
+    _remember(stored)
+    return known | stored
+
+
+def _new_verdicts(store: Store, todo: list, paths: dict[str, str]) -> dict:
+    """Match each (crop, photo) pair of contents; the verdicts of files whose bytes are their
+    rows' are kept (in the process, and in the store when its writer lock is free)."""
+    from .verification import CROP_VERSION, WORKERS, checked_features, cropped_from, save_cached
+
+    shas = sorted({s for k in todo for s in k})
     with ThreadPoolExecutor(WORKERS) as pool:  # OpenCV releases the GIL
-        seen = dict(zip(ids, pool.map(features, [store.file_path(records[i].path) for i in ids])))
-        found = dict(zip(todo, pool.map(lambda p: cropped_from(seen[p[0]], seen[p[1]]), todo)))
-    verdicts.update(found)
-    _CROP_VERDICTS.update((key[p], crop) for p, crop in found.items())
+        files = [store.file_path(paths[s]) for s in shas]
+        seen = dict(zip(shas, pool.map(checked_features, files, shas)))
+        found = dict(
+            zip(todo, pool.map(lambda k: cropped_from(seen[k[0]][0], seen[k[1]][0]), todo))
+        )
+    sound = {k: crop for k, crop in found.items() if seen[k[0]][1] and seen[k[1]][1]}
+    _remember(sound)
+    save_cached(store, [(a, b, int(crop)) for (a, b), crop in sound.items()], CROP_VERSION)
+    return found
+
+
+def _remember(verdicts: dict[tuple[str, str], bool]) -> None:
+    _CROP_VERDICTS.update(verdicts)
     while len(_CROP_VERDICTS) > CROP_VERDICTS_HELD:
         _CROP_VERDICTS.popitem(last=False)
-    return {first for (first, _), crop in verdicts.items() if crop}
 
 
 def _frames_differ(first: Any, other: Any) -> bool:

@@ -52,6 +52,8 @@ FLOOR = 0.5  # candidates score at least this cosine
 # The cache key of a pair's inliers: changing any setting above that shapes the count makes
 # every cached count stale (MIN_MATCHES and STRICT_MATCHES only judge counts: not in it)
 VERSION = f"orb1/side{WORK_SIDE}/n{FEATURES}/ratio{RATIO}/px{REPROJECTION}"
+# ... and of whether the first photo of an ordered pair is a crop of the second (1) or not (0)
+CROP_VERSION = f"crop1/{VERSION}/min{MIN_MATCHES}/in{CROP_INSIDE}/cover{CROP_COVER}"
 WORKERS = os.cpu_count() or 1  # threads: OpenCV releases the GIL while it decodes and matches
 CHUNK_PAIRS = 512  # pairs matched per step: the photos they need are described first
 HELD_PHOTOS = 4096  # features held at most (~20 kB each); a photo dropped is read again
@@ -185,7 +187,7 @@ class Verifier:
                 used = {s for p in chunk for s in p}
                 need = sorted(used - held.keys())
                 files = [self.store.file_path(paths[s]) for s in need]
-                held.update(zip(need, pool.map(_photo, files, need)))
+                held.update(zip(need, pool.map(checked_features, files, need)))
                 for s in sorted(used):
                     held.move_to_end(s)
                 found = pool.map(lambda p: matches(held[p[0]][0], held[p[1]][0]), chunk)
@@ -209,15 +211,26 @@ class Verifier:
         if db.readonly or db.conn.in_transaction:
             self.skipped += len(rows)
             return []  # not now, nor later in this run
-        try:
-            with self.store.writing(timeout=0):
-                db.put_verified(rows, VERSION, prune=not self.saved)
-        except (StoreBusyError, StoreWriteError) as exc:
-            log.info("verification cache not saved this time: %s", exc)
+        if not save_cached(self.store, rows, VERSION, prune=not self.saved):
             return rows
         self.saved += len(rows)
         log.info("verification cache: %d pair counts saved", len(rows))
         return []
+
+
+def save_cached(store: Store, rows: list[tuple[str, str, int]], version: str, prune=False) -> bool:
+    """Write rows of one version to the store's pair cache if the writer lock is free now
+    (never waits; a read-only store or a busy lock: False, and the work is done again next
+    time). Pruning keeps the inlier counts and the crop verdicts of these settings."""
+    if store.db.readonly or store.db.conn.in_transaction:
+        return False
+    try:
+        with store.writing(timeout=0):
+            store.db.put_verified(rows, version, prune, current=(VERSION, CROP_VERSION))
+    except (StoreBusyError, StoreWriteError) as exc:
+        log.info("pair cache not saved this time: %s", exc)
+        return False
+    return True
 
 
 def _free(held: OrderedDict, used: set[str], last: dict[str, int], done: int) -> None:
@@ -234,7 +247,7 @@ def _key(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
-def _photo(path, sha256: str) -> tuple[tuple | None, bool]:
+def checked_features(path, sha256: str) -> tuple[tuple | None, bool]:
     """(features of a file, whether its bytes still are the table's sha256)."""
     data, digest = _read(path)
     return describe(data), digest == sha256

@@ -409,7 +409,7 @@ class MetaDB:
     def verified_inliers(
         self, pairs: Iterable[tuple[str, str]], version: str
     ) -> dict[tuple[str, str], int]:
-        """The cached inliers of the (sha_a <= sha_b) pairs that have them, for this version."""
+        """The cached values of the (sha_a, sha_b) pairs that have them, for this version."""
         # one primary-key lookup a pair: a row-value IN (VALUES ...) list scans the table
         query = "SELECT inliers FROM verified_pairs WHERE sha_a = ? AND sha_b = ? AND version = ?"
         out: dict[tuple[str, str], int] = {}
@@ -425,17 +425,25 @@ class MetaDB:
         return out
 
     def put_verified(
-        self, rows: Iterable[tuple[str, str, int]], version: str, prune: bool = False
+        self,
+        rows: Iterable[tuple[str, str, int]],
+        version: str,
+        prune: bool = False,
+        current: Iterable[str] = (),
     ) -> None:
-        """Store (sha_a <= sha_b, inliers) rows in one transaction; with prune, also drop the
-        rows of other versions and of contents no row of the table has any more."""
+        """Store (sha_a, sha_b, value) rows of one version in one transaction (inlier counts
+        with sha_a <= sha_b; other versions may keep ordered pairs); with prune, also drop the
+        rows of versions other than this one and ``current``, and of contents no row of the
+        table has any more."""
         with self.transaction() as cur:
             cur.executemany(
                 "INSERT OR REPLACE INTO verified_pairs VALUES (?, ?, ?, ?)",
                 [(a, b, version, int(n)) for a, b, n in rows],
             )
             if prune:
-                cur.execute("DELETE FROM verified_pairs WHERE version != ?", (version,))
+                keep = sorted({version, *current})
+                marks = ", ".join("?" * len(keep))
+                cur.execute(f"DELETE FROM verified_pairs WHERE version NOT IN ({marks})", keep)
                 cur.execute(
                     "DELETE FROM verified_pairs WHERE sha_a NOT IN (SELECT sha256 FROM images)"
                     " OR sha_b NOT IN (SELECT sha256 FROM images)"

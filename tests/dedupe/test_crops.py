@@ -3,6 +3,8 @@ prefer a crop (it leaves out smooth, high-contrast parts of the frame), the geom
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from conftest import textured
@@ -50,7 +52,8 @@ def store_of(tmp_path, root) -> Store:
         with Image.open(root / name) as img:
             width, height = img.size
         size = (root / name).stat().st_size
-        record = ImageRecord(0, name, size, 100.0, f"{n:064x}", width, height)
+        sha = hashlib.sha256((root / name).read_bytes()).hexdigest()
+        record = ImageRecord(0, name, size, 100.0, sha, width, height)
         rows.append((record, vec / np.linalg.norm(vec)))
     store.db.write(rows)
     store.rebuild_index("flat")
@@ -75,19 +78,41 @@ def test_without_the_geometry_the_crop_would_be_kept(tmp_path, files, monkeypatc
     assert group.keep.path == "a_crop.jpg"
 
 
-def test_a_second_listing_reuses_the_crop_verdicts(tmp_path, files, monkeypatch):
+def test_the_next_listing_and_the_next_run_reuse_the_crop_verdicts(tmp_path, files, monkeypatch):
     from lookalike.dedupe import verification
 
     store = store_of(tmp_path, files)
     find_groups(store, 0.9)
     calls = []
-    real = verification.features
-    monkeypatch.setattr(verification, "features", lambda path: calls.append(path) or real(path))
-    (group,) = find_groups(store, 0.9)  # the service's next page: no photo read again
+    real = verification.checked_features
+    monkeypatch.setattr(verification, "checked_features", lambda *a: calls.append(a) or real(*a))
+    (group,) = find_groups(store, 0.9)  # the service's next page: held by the process
+    assert group.keep.path == "b_original.jpg" and calls == []
+    grouping._CROP_VERDICTS.clear()  # the next CLI run: kept in the store
+    (group,) = find_groups(store, 0.9)
     assert group.keep.path == "b_original.jpg" and calls == []
     grouping._CROP_VERDICTS.clear()
+    store.db.conn.execute(
+        "DELETE FROM verified_pairs WHERE version = ?", (verification.CROP_VERSION,)
+    )
     (group,) = find_groups(store, 0.9)
     assert group.keep.path == "b_original.jpg" and calls  # the counter sees fresh work
+
+
+def test_a_changed_file_gets_no_kept_verdict(tmp_path, files):
+    from lookalike.dedupe import verification
+
+    store = store_of(tmp_path, files)
+    photo().save(files / "a_crop.jpg", quality=90)  # the crop's bytes are now the whole photo
+    find_groups(store, 0.9)
+    assert grouping._CROP_VERDICTS == {}
+    assert (
+        store.db.verified_inliers(
+            [(r.sha256, s.sha256) for r in store.db.records() for s in store.db.records()],
+            verification.CROP_VERSION,
+        )
+        == {}
+    )
 
 
 def test_cropped_from_tells_a_crop_from_a_reencode(files):

@@ -235,3 +235,15 @@ def test_newest_first_pages_read_the_mtime_index_not_a_sort(db):
     ).fetchall()
     details = " ".join(str(row[-1]) for row in plan)
     assert "images_mtime" in details and "TEMP B-TREE" not in details
+
+
+def test_the_pair_cache_prunes_old_versions_and_gone_contents_only(db):
+    db.write([(rec("a.jpg", "sa"), vec(1)), (rec("b.jpg", "sb"), vec(2))])
+    db.put_verified([("sa", "sb", 55)], "orb-old")
+    db.put_verified([("sb", "sa", 1)], "crop")  # ordered pairs: b is a crop of a
+    db.put_verified([("sa", "sgone", 70)], "orb")
+    db.put_verified([("sa", "sb", 60)], "orb", prune=True, current=("crop",))
+    assert db.verified_inliers([("sa", "sb")], "orb") == {("sa", "sb"): 60}
+    assert db.verified_inliers([("sb", "sa")], "crop") == {("sb", "sa"): 1}  # kept
+    assert db.verified_inliers([("sa", "sb")], "orb-old") == {}  # another version
+    assert db.verified_inliers([("sa", "sgone")], "orb") == {}  # a content no row has
