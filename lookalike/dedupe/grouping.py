@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 BAND = 0.05
 WITNESS_PHASH = 16
 ASPECT_TOLERANCE = 0.02  # frames whose aspect ratios differ by more may be crops of each other
-# (sha256 of a photo, of another): whether the first is a crop of the second; this process's
+# (sha256 of a photo, of another): whether the first is a crop of the second, held by this
+# process (the store's pair cache keeps them across runs: verification.CROP_VERSION)
 _CROP_VERDICTS: OrderedDict[tuple[str, str], bool] = OrderedDict()
 CROP_VERDICTS_HELD = 200_000
 

@@ -222,6 +222,8 @@ def save_cached(store: Store, rows: list[tuple[str, str, int]], version: str, pr
     """Write rows of one version to the store's pair cache if the writer lock is free now
     (never waits; a read-only store or a busy lock: False, and the work is done again next
     time). Pruning keeps the inlier counts and the crop verdicts of these settings."""
+    if not rows:
+        return True  # nothing to write: no writer lock, no transaction
     if store.db.readonly or store.db.conn.in_transaction:
         return False
     try:
